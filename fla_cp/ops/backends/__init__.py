@@ -1,0 +1,20 @@
+"""Local backends for the CP operator: `torch` (any device) and `triton` (FLA kernels + ours)."""
+from __future__ import annotations
+
+import torch
+
+from fla_cp.ops.backends.torch_backend import TorchBackend
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def get_backend(name: str, device: torch.device):
+    """The backend called `name`; "auto" is triton on CUDA and torch elsewhere."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchBackend()
+    from fla_cp.ops.backends.triton_backend import TritonBackend
+    return TritonBackend()

@@ -1,0 +1,231 @@
+"""Pure-PyTorch local backend: a chunked (WY) Gated DeltaNet on any device, fp32 inside.
+
+Per chunk of C tokens with chunk-local gate cumsum γ (γ_C its last entry) and chunk-start state S:
+
+    A    = strict_tril(β_i k_i·k_j e^{γ_i-γ_j})           T = (I + A)^{-1}      (triangular solve)
+    W    = T (β e^γ k)        U = T (β v)                 V_new = U - W S
+    O    = scale (q e^γ) S + tril(scale q k^T e^{γ_i-γ_j}) V_new
+    S'   = e^{γ_C} S + (k e^{γ_C-γ})^T V_new               = A_c S + (k e^{γ_C-γ})^T U
+
+with the chunk transition `A_c = e^{γ_C} I - (k e^{γ_C-γ})^T W`. Everything that does not depend on
+S (the solve, W, U, the intra-chunk attention) is batched over all chunks of all segments at once;
+only the state recurrence walks the chunks in order, batched over segments. The backward of the
+local chunk compute is autograd through the same code (recomputed in `backward`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CHUNK = 64
+
+
+@dataclass
+class TorchPrep:
+    """Chunked tensors in segment-major chunk order; `[NCH, HV, C, *]` fp32."""
+    qg: torch.Tensor        # scale * q * e^γ                     [NCH, HV, C, K]
+    kd: torch.Tensor        # k * e^{γ_C - γ}                     [NCH, HV, C, K]
+    w: torch.Tensor         # T (β e^γ k)                         [NCH, HV, C, K]
+    u: torch.Tensor         # T (β v)                             [NCH, HV, C, V]
+    attn: torch.Tensor      # tril(scale q k^T e^{γ_i-γ_j})       [NCH, HV, C, C]
+    gc: torch.Tensor        # e^{γ_C}                             [NCH, HV]
+    token_index: torch.Tensor   # [NCH, C] flat token of each chunk slot, -1 for padding
+    seg_offset: list[int]   # first chunk of each segment
+    seg_chunks: list[int]   # number of chunks of each segment
+    num_tokens: int
+    out_dtype: torch.dtype
+    leaves: tuple | None = None   # (q, k, v, g, beta) requiring grad, when prepared for backward
+
+
+def _chunk_layout(cu: list[int], chunk: int, device) -> tuple[torch.Tensor, list[int], list[int]]:
+    offsets, counts, index = [], [], []
+    for a, b in zip(cu, cu[1:]):
+        n = (b - a + chunk - 1) // chunk
+        offsets.append(len(index) // chunk)
+        counts.append(n)
+        idx = list(range(a, b)) + [-1] * (n * chunk - (b - a))
+        index.extend(idx)
+    return torch.tensor(index, dtype=torch.long, device=device).view(-1, chunk), offsets, counts
+
+
+def _to_chunks(x: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+    """[T, HV, D] -> [NCH, HV, C, D], zero in padding slots (zeros make padding an identity step)."""
+    padded = torch.cat([x, x.new_zeros(1, *x.shape[1:])])     # index -1 reads this zero row
+    return padded[token_index].transpose(1, 2)
+
+
+def _prepare(q, k, v, g, beta, cu: list[int], scale: float, chunk: int) -> TorchPrep:
+    T, H, HV = q.shape[1], q.shape[2], v.shape[2]
+    f32 = torch.float32
+    q, k = (x[0].to(f32).repeat_interleave(HV // H, dim=1) for x in (q, k))   # GVA: head i -> i // (HV/H)
+    v, g, beta = v[0].to(f32), g[0].to(f32), beta[0].to(f32)
+    token_index, seg_offset, seg_chunks = _chunk_layout(cu, chunk, q.device)
+
+    qc, kc, vc = (_to_chunks(x, token_index) for x in (q, k, v))               # [NCH, HV, C, D]
+    gc, bc = (_to_chunks(x.unsqueeze(-1), token_index).squeeze(-1) for x in (g, beta))  # [NCH, HV, C]
+    gamma = gc.cumsum(-1)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    # e^{γ_i-γ_j} only where j <= i: masking before exp keeps the upper triangle from overflowing
+    decay = torch.where(causal, gamma.unsqueeze(-1) - gamma.unsqueeze(-2), float("-inf")).exp()
+    a = (bc.unsqueeze(-1) * (kc @ kc.transpose(-1, -2)) * decay).tril(-1)
+    eye = torch.eye(chunk, dtype=f32, device=q.device)
+    rhs = torch.cat([(bc * gamma.exp()).unsqueeze(-1) * kc, bc.unsqueeze(-1) * vc], dim=-1)
+    wu = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
+    K = kc.shape[-1]
+    return TorchPrep(
+        qg=scale * qc * gamma.exp().unsqueeze(-1),
+        kd=kc * (gamma[..., -1:] - gamma).exp().unsqueeze(-1),
+        w=wu[..., :K], u=wu[..., K:],
+        attn=scale * (qc @ kc.transpose(-1, -2)) * decay,
+        gc=gamma[..., -1].exp(),
+        token_index=token_index, seg_offset=seg_offset, seg_chunks=seg_chunks,
+        num_tokens=T, out_dtype=None,
+    )
+
+
+def _schedule(prep: TorchPrep, segments: list[int]) -> tuple[list[int], list[torch.Tensor]]:
+    """Order segments longest first so the segments still running at step t are a prefix; the
+    chunk ids of step t for that prefix."""
+    order = sorted(range(len(segments)), key=lambda i: -prep.seg_chunks[segments[i]])
+    steps = max(prep.seg_chunks[s] for s in segments)
+    device = prep.w.device
+    ids = []
+    for t in range(steps):
+        active = [segments[i] for i in order if prep.seg_chunks[segments[i]] > t]
+        ids.append(torch.tensor([prep.seg_offset[s] + t for s in active], dtype=torch.long, device=device))
+    return order, ids
+
+
+def _scan(prep: TorchPrep, segments: list[int], state: torch.Tensor, extra_cols: int = 0, record: bool = False):
+    """Run the state recurrence over `segments` from start states `state` [n, HV, K, X].
+
+    `extra_cols` zero value-columns are appended to U (X = V + extra_cols): with `state = [0 | I]`
+    the extra columns carry the transition M (DESIGN.md §1). Returns the end states [n, HV, K, X]
+    and, with `record`, (chunk ids, chunk-start states, V_new) of every step for the outputs.
+    """
+    order, ids = _schedule(prep, segments)
+    inv = [0] * len(order)
+    for pos, i in enumerate(order):
+        inv[i] = pos
+    s = state[order]
+    finished, rec = [], []
+    for chunk_ids in ids:
+        n = len(chunk_ids)
+        if n < s.shape[0]:                  # these segments ran out of chunks last step
+            finished.append(s[n:])
+            s = s[:n]
+        u = prep.u[chunk_ids]
+        if extra_cols:
+            u = torch.nn.functional.pad(u, (0, extra_cols))
+        v_new = u - prep.w[chunk_ids] @ s
+        if record:
+            rec.append((chunk_ids, s, v_new))
+        s = prep.gc[chunk_ids][..., None, None] * s + prep.kd[chunk_ids].transpose(-1, -2) @ v_new
+    finished.append(s)
+    end = torch.cat(finished[::-1])         # longest-first order again
+    return end[inv], rec
+
+
+def _outputs(prep: TorchPrep, rec) -> torch.Tensor:
+    """Scatter per-chunk outputs of recorded steps to tokens: [T, HV, V] fp32."""
+    ids = torch.cat([r[0] for r in rec])
+    s = torch.cat([r[1] for r in rec])
+    v_new = torch.cat([r[2] for r in rec])
+    o = prep.qg[ids] @ s + prep.attn[ids] @ v_new                   # [n, HV, C, V]
+    n, HV, C, V = o.shape
+    o = o.transpose(1, 2).reshape(n * C, HV, V)
+    tok = prep.token_index[ids].reshape(-1)
+    keep = tok >= 0
+    out = o.new_zeros(prep.num_tokens, *o.shape[1:])
+    return out.index_put((tok[keep],), o[keep])
+
+
+class TorchBackend:
+    """Local chunk compute in PyTorch; see `fla_cp/ops/backends/base.py` for the contract."""
+    name = "torch"
+
+    def __init__(self, chunk_size: int = CHUNK):
+        self.chunk_size = chunk_size
+
+    def prepare(self, q, k, v, g, beta, cu_seqlens, scale, for_backward=False):
+        cu = cu_seqlens.tolist()
+        if not for_backward:
+            with torch.no_grad():
+                prep = _prepare(q, k, v, g, beta, cu, scale, self.chunk_size)
+            prep.out_dtype = q.dtype
+            return prep
+        leaves = tuple(x.detach().requires_grad_() for x in (q, k, v, g, beta))
+        with torch.enable_grad():
+            prep = _prepare(*leaves, cu, scale, self.chunk_size)
+        prep.out_dtype, prep.leaves = q.dtype, leaves
+        return prep
+
+    def _zero_states(self, prep, n, cols):
+        HV, K = prep.w.shape[1], prep.w.shape[-1]
+        return prep.w.new_zeros(n, HV, K, cols)
+
+    @torch.no_grad()
+    def summarize(self, prep, segments, with_m):
+        V, K = prep.u.shape[-1], prep.w.shape[-1]
+        state = self._zero_states(prep, len(segments), V + (K if with_m else 0))
+        if with_m:
+            state[..., V:] = torch.eye(K, dtype=state.dtype, device=state.device)
+        end, _ = _scan(prep, segments, state, extra_cols=K if with_m else 0)
+        return end
+
+    def _forward(self, prep, h0):
+        segments = list(range(len(prep.seg_chunks)))
+        if h0 is None:
+            h0 = self._zero_states(prep, len(segments), prep.u.shape[-1])
+        ht, rec = _scan(prep, segments, h0, record=True)
+        return _outputs(prep, rec), ht
+
+    @torch.no_grad()
+    def forward(self, prep, h0):
+        o, ht = self._forward(prep, h0)
+        return o.unsqueeze(0).to(prep.out_dtype), ht
+
+    @torch.no_grad()
+    def state_grad(self, prep, do, segments, with_m):
+        """Reverse recurrence dS_start = A_cᵀ dS_end + qgᵀ dO - Wᵀ attnᵀ dO per chunk."""
+        V, K = prep.u.shape[-1], prep.w.shape[-1]
+        HV = prep.w.shape[1]
+        do_c = _to_chunks(do[0].float(), prep.token_index)            # [NCH, HV, C, V]
+        order, ids = _schedule(prep, segments)
+        cols = V + (K if with_m else 0)
+        x = prep.w.new_zeros(0, HV, K, cols)
+        for chunk_ids in reversed(ids):     # last chunks first; segments join as t reaches them
+            n = len(chunk_ids)
+            if n > x.shape[0]:
+                fresh = self._zero_states(prep, n - x.shape[0], cols)
+                if with_m:
+                    fresh[..., V:] = torch.eye(K, dtype=fresh.dtype, device=fresh.device)
+                x = torch.cat([x, fresh])
+            w, kd, dO = prep.w[chunk_ids], prep.kd[chunk_ids], do_c[chunk_ids]
+            x = prep.gc[chunk_ids][..., None, None] * x - w.transpose(-1, -2) @ (kd @ x)
+            x[..., :V] += prep.qg[chunk_ids].transpose(-1, -2) @ dO \
+                - w.transpose(-1, -2) @ (prep.attn[chunk_ids].transpose(-1, -2) @ dO)
+        inv = [0] * len(order)
+        for pos, i in enumerate(order):
+            inv[i] = pos
+        x = x[inv]
+        if with_m:      # the reverse pass carried Mᵀ; the contract returns M
+            x = torch.cat([x[..., :V], x[..., V:].transpose(-1, -2)], dim=-1)
+        return x
+
+    def backward(self, prep, h0, do, dht):
+        if prep.leaves is None:
+            raise RuntimeError("TorchBackend.backward needs prepare(..., for_backward=True)")
+        with torch.enable_grad():
+            h0_leaf = None if h0 is None else h0.detach().requires_grad_()
+            o, ht = self._forward(prep, h0_leaf)
+            outputs, grads = [o], [do[0].float()]
+            if dht is not None:
+                outputs.append(ht)
+                grads.append(dht)
+            inputs = list(prep.leaves) + ([h0_leaf] if h0_leaf is not None else [])
+            res = torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
+        res = [torch.zeros_like(x) if r is None else r for r, x in zip(res, inputs)]
+        dq, dk, dv, dg, dbeta = res[:5]
+        return dq, dk, dv, dg, dbeta, (res[5] if h0_leaf is not None else None)

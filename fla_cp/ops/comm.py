@@ -1,0 +1,84 @@
+"""The few collectives CP needs, written once.
+
+Under gloo, CUDA tensors are staged through host memory: gloo's CUDA support differs between
+collectives and versions, and everything sent here is small (states, not activations) except in
+`all_gather_varlen`, which only `CPContext.unshard` uses.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world_size(group) -> int:
+    """Ranks in `group`; None means a single process (a CPContext built without a group)."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _needs_host_staging(t: torch.Tensor, group) -> bool:
+    return t.device.type != "cpu" and dist.get_backend(group) == "gloo"
+
+
+def all_gather(t: torch.Tensor, group) -> torch.Tensor:
+    """Gather `t` (same shape on every rank) from every rank: `[P, *t.shape]`."""
+    world = world_size(group)
+    if world == 1:
+        return t.unsqueeze(0)
+    src = t.contiguous()
+    staged = _needs_host_staging(src, group)
+    if staged:
+        src = src.cpu()
+    out = [torch.empty_like(src) for _ in range(world)]
+    dist.all_gather(out, src, group=group)
+    res = torch.stack(out)
+    return res.to(t.device) if staged else res
+
+
+def all_gather_varlen(t: torch.Tensor, sizes: list[int], group) -> list[torch.Tensor]:
+    """Gather tensors whose first dim is `sizes[r]` on rank r (other dims equal); list by rank."""
+    max_len = max(sizes)
+    padded = t
+    if t.shape[0] < max_len:
+        padded = torch.cat([t, t.new_zeros(max_len - t.shape[0], *t.shape[1:])])
+    gathered = all_gather(padded, group)
+    return [gathered[r, :n] for r, n in enumerate(sizes)]
+
+
+def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the group; returns a new tensor (the input is left untouched)."""
+    if world_size(group) == 1:
+        return t.clone()
+    staged = _needs_host_staging(t, group)
+    buf = t.detach().cpu().clone() if staged else t.detach().clone().contiguous()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    return buf.to(t.device) if staged else buf
+
+
+def check_agreement(group, local_error: str | None, fields: dict[str, list[int]], what: str) -> None:
+    """Raise the same ValueError on every rank if any rank found bad input or ranks disagree.
+
+    One tiny int64 all_gather carries an error flag plus each field's integers; the messages of the
+    failing ranks travel only when something is wrong. Call it before any collective whose shapes
+    depend on the checked fields, so bad input never turns into a hang.
+    """
+    rank = dist.get_rank(group) if group is not None else 0
+    if world_size(group) == 1:
+        if local_error:
+            raise ValueError(f"{what}: rank {rank}: {local_error}")
+        return
+    flat = [1 if local_error else 0] + [int(v) for vals in fields.values() for v in vals]
+    gathered = all_gather(torch.tensor(flat, dtype=torch.long), group)
+    if gathered[:, 0].any():
+        messages = [None] * dist.get_world_size(group)
+        dist.all_gather_object(messages, local_error, group=group)
+        bad = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m)
+        raise ValueError(f"{what}: {bad}")
+    offset = 1
+    for name, vals in fields.items():
+        cols = gathered[:, offset:offset + len(vals)]
+        offset += len(vals)
+        differ = (cols != cols[0]).any(dim=1).nonzero().flatten().tolist()
+        if differ:
+            r = differ[0]
+            raise ValueError(f"{what}: {name} differs between ranks: rank 0 has {cols[0].tolist()}, "
+                             f"rank {r} has {cols[r].tolist()} (seen on rank {rank})")

@@ -1,0 +1,246 @@
+"""Sharding metadata for context parallelism: who holds which tokens, and where sequences cross ranks.
+
+The global token stream (one row of length T, or a packed stream with global `cu_seqlens`) is cut into
+*parts*: P parts (`contiguous`) or 2P parts (`zigzag`, rank r holds parts r and 2P-1-r). The state
+chain runs over the parts in global order. Everything here is plain Python on CPU, computed once per
+context; no tensor on the compute device is touched until `shard`/`unshard`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from fla_cp.ops import comm
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One contiguous slice `[start, end)` of the global stream, held by rank `owner`."""
+    index: int
+    start: int
+    end: int
+    owner: int
+    first_seq: int          # global sequence holding the part's first token
+    last_seq: int           # global sequence holding the part's last token
+    from_prev: bool         # first_seq began in an earlier part: a state comes in
+    to_next: bool           # last_seq goes on into the next part: a state goes out
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A maximal run of one sequence inside one part, in local (per-row) coordinates."""
+    seq: int                # global sequence index (packed) or 0 (dense: the row is the sequence)
+    part: int               # global part index
+    start: int              # local token offset within a row
+    end: int
+    starts_seq: bool        # the segment begins its sequence (initial_state goes in here)
+    ends_seq: bool          # the segment ends its sequence (final_state comes out here)
+
+
+@dataclass
+class CPContext:
+    """What every rank knows about the CP split; identical on all ranks of the group.
+
+    Build with `build_cp_context`. Attributes:
+        group, rank, world_size: the CP process group (None, 0, 1 without torch.distributed).
+        layout: "contiguous" | "zigzag".
+        cu_seqlens: global sequence boundaries, CPU int64 `[N+1]` (`[0, T]` when dense).
+        packed: True when built from `cu_seqlens` (batch must be 1).
+        parts: every part of the stream, in global order.
+        local_parts: indices of this rank's parts, in local order.
+        local_ranges: `(start, end)` global token ranges this rank holds, in local order.
+        segments: this rank's segments, in local order.
+    """
+    group: dist.ProcessGroup | None
+    rank: int
+    world_size: int
+    layout: str
+    cu_seqlens: torch.Tensor
+    packed: bool
+    parts: list[Part]
+    local_parts: list[int]
+    segments: list[Segment] = field(repr=False)
+
+    @property
+    def total_len(self) -> int:
+        return int(self.cu_seqlens[-1])
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.cu_seqlens) - 1
+
+    @property
+    def local_ranges(self) -> list[tuple[int, int]]:
+        return [(self.parts[j].start, self.parts[j].end) for j in self.local_parts]
+
+    @property
+    def local_len(self) -> int:
+        return sum(e - s for s, e in self.local_ranges)
+
+    def local_cu_seqlens(self, device=None) -> torch.Tensor:
+        """Boundaries of this rank's segments within its local tokens, int64 `[S+1]`."""
+        bounds = [0] + [s.end for s in self.segments]
+        return torch.tensor(bounds, dtype=torch.long, device=device)
+
+    # ---------------------------------------------------------------- sharding
+    def _local_index(self, device) -> torch.Tensor:
+        return torch.cat([torch.arange(s, e, device=device) for s, e in self.local_ranges])
+
+    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's tokens of a global tensor (length `total_len` along `dim`); no communication."""
+        if x.shape[dim] != self.total_len:
+            raise ValueError(f"rank {self.rank}: shard expects size {self.total_len} along dim {dim}, "
+                             f"got {tuple(x.shape)}")
+        if len(self.local_parts) == 1:
+            s, e = self.local_ranges[0]
+            return x.narrow(dim, s, e - s)
+        return x.index_select(dim, self._local_index(x.device))
+
+    def unshard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """All-gather local shards back into global order, on every rank.
+
+        Differentiable: the gradient of the replicated result is summed over the group (like
+        `torch.distributed.nn.functional.all_gather`), then this rank's slice is returned.
+        """
+        if x.shape[dim] != self.local_len:
+            raise ValueError(f"rank {self.rank}: unshard expects {self.local_len} local tokens along dim "
+                             f"{dim}, got {tuple(x.shape)}")
+        return _Unshard.apply(x, self, dim)
+
+
+class _Unshard(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, cp: CPContext, dim: int):
+        ctx.cp, ctx.dim = cp, dim
+        if cp.world_size == 1:
+            return x.clone()
+        owned = [parts_of_rank(cp.layout, r, cp.world_size) for r in range(cp.world_size)]
+        sizes = [sum(cp.parts[j].end - cp.parts[j].start for j in js) for js in owned]
+        pieces = comm.all_gather_varlen(x.movedim(dim, 0).contiguous(), sizes, cp.group)
+        by_part = {}
+        for js, piece in zip(owned, pieces):
+            offset = 0
+            for j in js:
+                n = cp.parts[j].end - cp.parts[j].start
+                by_part[j] = piece[offset:offset + n]
+                offset += n
+        out = torch.cat([by_part[j] for j in range(len(cp.parts))], dim=0)
+        return out.movedim(0, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cp = ctx.cp
+        grad = comm.all_reduce_sum(grad.contiguous(), cp.group) if cp.world_size > 1 else grad
+        return cp.shard(grad, ctx.dim), None, None
+
+
+# -------------------------------------------------------------------- building
+def _split_points(total: int, n: int) -> list[int]:
+    """n balanced parts of `total` tokens; sizes differ by at most one token."""
+    return [i * total // n for i in range(n + 1)]
+
+
+def _make_parts(cu: list[int], world_size: int, layout: str) -> list[Part]:
+    n_parts = world_size if layout == "contiguous" else 2 * world_size
+    points = _split_points(cu[-1], n_parts)
+    owners = list(range(world_size)) if layout == "contiguous" else \
+        list(range(world_size)) + list(range(world_size - 1, -1, -1))
+
+    def seq_of(token: int) -> int:
+        # sequence i holds tokens [cu[i], cu[i+1])
+        lo, hi = 0, len(cu) - 2
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if cu[mid] <= token:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    parts = []
+    for j in range(n_parts):
+        start, end = points[j], points[j + 1]
+        first, last = seq_of(start), seq_of(end - 1)
+        parts.append(Part(j, start, end, owners[j], first, last,
+                          from_prev=cu[first] < start, to_next=cu[last + 1] > end))
+    return parts
+
+
+def _make_segments(cu: list[int], parts: list[Part], local_parts: list[int]) -> list[Segment]:
+    segments, offset = [], 0
+    for j in local_parts:
+        p = parts[j]
+        for s in range(p.first_seq, p.last_seq + 1):
+            a, b = max(cu[s], p.start), min(cu[s + 1], p.end)
+            segments.append(Segment(s, j, offset + a - p.start, offset + b - p.start,
+                                    starts_seq=a == cu[s], ends_seq=b == cu[s + 1]))
+        offset += p.end - p.start
+    return segments
+
+
+def build_cp_context(
+    group: dist.ProcessGroup | None = None,
+    *,
+    seq_len: int | None = None,
+    cu_seqlens: torch.Tensor | list[int] | None = None,
+    layout: str = "contiguous",
+    _single: bool = False,
+) -> CPContext:
+    """Describe how one global sequence (or packed batch) is split over the ranks of `group`.
+
+    Args:
+        group: the CP process group; None means the default group when torch.distributed is
+            initialised, else a single-rank context.
+        seq_len: dense input: every row of a `[B, T]` batch is one sequence of length `T`.
+        cu_seqlens: packed input: global boundaries `[N+1]` of N sequences (batch must be 1).
+            Must be identical on every rank (checked with one small collective).
+        layout: "contiguous" (rank r holds one slice) or "zigzag" (2P parts; r holds r and 2P-1-r).
+    """
+    if group is None and not _single and dist.is_available() and dist.is_initialized():
+        group = dist.group.WORLD
+    rank = dist.get_rank(group) if group is not None else 0
+    world_size = comm.world_size(group)
+
+    error = None
+    if layout not in LAYOUTS:
+        error = f"layout must be one of {LAYOUTS}, got {layout!r}"
+    elif (seq_len is None) == (cu_seqlens is None):
+        error = "pass exactly one of seq_len (dense) or cu_seqlens (packed)"
+    else:
+        if cu_seqlens is None:
+            cu = [0, int(seq_len)]
+        else:
+            cu = [int(c) for c in (cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens)]
+        min_len = world_size * (2 if layout == "zigzag" else 1)
+        if len(cu) < 2 or cu[0] != 0 or any(b <= a for a, b in zip(cu, cu[1:])):
+            error = f"cu_seqlens must start at 0 and be strictly increasing, got {cu[:8]}{'...' if len(cu) > 8 else ''}"
+        elif cu[-1] < min_len:
+            error = (f"{'seq_len' if cu_seqlens is None else 'cu_seqlens[-1]'}={cu[-1]} is shorter than the "
+                     f"{min_len} parts of a {layout} split over {world_size} ranks")
+    # Every rank must agree on the split before any collective that depends on it.
+    fingerprint = [len(cu), *cu[:1], cu[-1], _checksum(cu), LAYOUTS.index(layout), seq_len is None] \
+        if error is None else [0] * 6
+    comm.check_agreement(group, error, {"cu_seqlens/seq_len/layout": fingerprint}, what="build_cp_context")
+
+    parts = _make_parts(cu, world_size, layout)
+    local_parts = parts_of_rank(layout, rank, world_size)
+    return CPContext(group=group, rank=rank, world_size=world_size, layout=layout,
+                     cu_seqlens=torch.tensor(cu, dtype=torch.long), packed=cu_seqlens is not None,
+                     parts=parts, local_parts=local_parts,
+                     segments=_make_segments(cu, parts, local_parts))
+
+
+def parts_of_rank(layout: str, rank: int, world_size: int) -> list[int]:
+    return [rank] if layout == "contiguous" else [rank, 2 * world_size - 1 - rank]
+
+
+def _checksum(values: list[int]) -> int:
+    h = 0
+    for v in values:
+        h = (h * 1000003 + v) % (1 << 61)
+    return h
