@@ -84,17 +84,35 @@ def _prepare(q, k, v, g, beta, cu: list[int], scale: float, chunk: int) -> Torch
     )
 
 
-def _schedule(prep: TorchPrep, segments: list[int]) -> tuple[list[int], list[torch.Tensor]]:
-    """Order segments longest first so the segments still running at step t are a prefix; the
-    chunk ids of step t for that prefix."""
+def _schedule(prep: TorchPrep, segments: list[int]):
+    """Walk order of the chunks of `segments`.
+
+    Segments go longest first, so the segments still running at step t are a prefix of that order.
+    Returns (order, sizes, perm): segment order, the number of chunks of each step, and the chunk
+    ids in step-major order (None when that is the stored order, e.g. a single segment).
+    """
     order = sorted(range(len(segments)), key=lambda i: -prep.seg_chunks[segments[i]])
     steps = max(prep.seg_chunks[s] for s in segments)
-    device = prep.w.device
     ids = []
     for t in range(steps):
-        active = [segments[i] for i in order if prep.seg_chunks[segments[i]] > t]
-        ids.append(torch.tensor([prep.seg_offset[s] + t for s in active], dtype=torch.long, device=device))
-    return order, ids
+        ids.append([prep.seg_offset[segments[i]] + t for i in order if prep.seg_chunks[segments[i]] > t])
+    sizes = [len(x) for x in ids]
+    flat = [c for x in ids for c in x]
+    perm = None if flat == list(range(prep.w.shape[0])) else torch.tensor(flat, device=prep.w.device)
+    return order, sizes, perm
+
+
+def _by_step(x: torch.Tensor, perm, sizes) -> tuple[torch.Tensor, ...]:
+    """Per-step views of a per-chunk tensor. One gather and one split: their backward is one
+    scatter and one cat, where indexing every step would cost a full-size gradient per step."""
+    return (x if perm is None else x[perm]).split(sizes)
+
+
+def _unsort(order: list[int]) -> list[int]:
+    inv = [0] * len(order)
+    for pos, i in enumerate(order):
+        inv[i] = pos
+    return inv
 
 
 def _scan(prep: TorchPrep, segments: list[int], state: torch.Tensor, extra_cols: int = 0, record: bool = False):
@@ -102,42 +120,38 @@ def _scan(prep: TorchPrep, segments: list[int], state: torch.Tensor, extra_cols:
 
     `extra_cols` zero value-columns are appended to U (X = V + extra_cols): with `state = [0 | I]`
     the extra columns carry the transition M (DESIGN.md §1). Returns the end states [n, HV, K, X]
-    and, with `record`, (chunk ids, chunk-start states, V_new) of every step for the outputs.
+    and, with `record`, (perm, chunk-start states, V_new) in step-major chunk order.
     """
-    order, ids = _schedule(prep, segments)
-    inv = [0] * len(order)
-    for pos, i in enumerate(order):
-        inv[i] = pos
+    order, sizes, perm = _schedule(prep, segments)
+    w, u, kd, gc = (_by_step(x, perm, sizes) for x in (prep.w, prep.u, prep.kd, prep.gc))
     s = state[order]
-    finished, rec = [], []
-    for chunk_ids in ids:
-        n = len(chunk_ids)
+    finished, starts, news = [], [], []
+    for t, n in enumerate(sizes):
         if n < s.shape[0]:                  # these segments ran out of chunks last step
             finished.append(s[n:])
             s = s[:n]
-        u = prep.u[chunk_ids]
-        if extra_cols:
-            u = torch.nn.functional.pad(u, (0, extra_cols))
-        v_new = u - prep.w[chunk_ids] @ s
+        u_t = torch.nn.functional.pad(u[t], (0, extra_cols)) if extra_cols else u[t]
+        v_new = u_t - w[t] @ s
         if record:
-            rec.append((chunk_ids, s, v_new))
-        s = prep.gc[chunk_ids][..., None, None] * s + prep.kd[chunk_ids].transpose(-1, -2) @ v_new
+            starts.append(s)
+            news.append(v_new)
+        s = gc[t][..., None, None] * s + kd[t].transpose(-1, -2) @ v_new
     finished.append(s)
     end = torch.cat(finished[::-1])         # longest-first order again
-    return end[inv], rec
+    rec = (perm, torch.cat(starts), torch.cat(news)) if record else None
+    return end[_unsort(order)], rec
 
 
 def _outputs(prep: TorchPrep, rec) -> torch.Tensor:
-    """Scatter per-chunk outputs of recorded steps to tokens: [T, HV, V] fp32."""
-    ids = torch.cat([r[0] for r in rec])
-    s = torch.cat([r[1] for r in rec])
-    v_new = torch.cat([r[2] for r in rec])
-    o = prep.qg[ids] @ s + prep.attn[ids] @ v_new                   # [n, HV, C, V]
+    """Per-chunk outputs of a recorded scan, scattered to tokens: [T, HV, V] fp32."""
+    perm, s, v_new = rec
+    take = (lambda x: x) if perm is None else (lambda x: x[perm])
+    o = take(prep.qg) @ s + take(prep.attn) @ v_new                 # [n, HV, C, V]
     n, HV, C, V = o.shape
     o = o.transpose(1, 2).reshape(n * C, HV, V)
-    tok = prep.token_index[ids].reshape(-1)
+    tok = take(prep.token_index).reshape(-1)
     keep = tok >= 0
-    out = o.new_zeros(prep.num_tokens, *o.shape[1:])
+    out = o.new_zeros(prep.num_tokens, HV, V)
     return out.index_put((tok[keep],), o[keep])
 
 
@@ -190,27 +204,25 @@ class TorchBackend:
     def state_grad(self, prep, do, segments, with_m):
         """Reverse recurrence dS_start = A_cᵀ dS_end + qgᵀ dO - Wᵀ attnᵀ dO per chunk."""
         V, K = prep.u.shape[-1], prep.w.shape[-1]
-        HV = prep.w.shape[1]
-        do_c = _to_chunks(do[0].float(), prep.token_index)            # [NCH, HV, C, V]
-        order, ids = _schedule(prep, segments)
         cols = V + (K if with_m else 0)
-        x = prep.w.new_zeros(0, HV, K, cols)
-        for chunk_ids in reversed(ids):     # last chunks first; segments join as t reaches them
-            n = len(chunk_ids)
+        order, sizes, perm = _schedule(prep, segments)
+        do_c = _to_chunks(do[0].float(), prep.token_index)            # [NCH, HV, C, V]
+        # the do-only part of every chunk at once: qgᵀ dO - Wᵀ attnᵀ dO
+        w, kd, gc, qg, attn, dO = (_by_step(x, perm, sizes) for x in
+                                   (prep.w, prep.kd, prep.gc, prep.qg, prep.attn, do_c))
+        x = self._zero_states(prep, 0, cols)
+        for t in reversed(range(len(sizes))):   # last chunks first; segments join as t reaches them
+            n = sizes[t]
             if n > x.shape[0]:
                 fresh = self._zero_states(prep, n - x.shape[0], cols)
-                if with_m:
+                if with_m:      # the extra columns carry Mᵀ, started from I at the segment's end
                     fresh[..., V:] = torch.eye(K, dtype=fresh.dtype, device=fresh.device)
                 x = torch.cat([x, fresh])
-            w, kd, dO = prep.w[chunk_ids], prep.kd[chunk_ids], do_c[chunk_ids]
-            x = prep.gc[chunk_ids][..., None, None] * x - w.transpose(-1, -2) @ (kd @ x)
-            x[..., :V] += prep.qg[chunk_ids].transpose(-1, -2) @ dO \
-                - w.transpose(-1, -2) @ (prep.attn[chunk_ids].transpose(-1, -2) @ dO)
-        inv = [0] * len(order)
-        for pos, i in enumerate(order):
-            inv[i] = pos
-        x = x[inv]
-        if with_m:      # the reverse pass carried Mᵀ; the contract returns M
+            wt = w[t].transpose(-1, -2)
+            x = gc[t][..., None, None] * x - wt @ (kd[t] @ x)
+            x[..., :V] += qg[t].transpose(-1, -2) @ dO[t] - wt @ (attn[t].transpose(-1, -2) @ dO[t])
+        x = x[_unsort(order)]
+        if with_m:      # the contract returns M, not Mᵀ
             x = torch.cat([x[..., :V], x[..., V:].transpose(-1, -2)], dim=-1)
         return x
 

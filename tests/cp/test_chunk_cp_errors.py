@@ -1,0 +1,132 @@
+"""Bad input raises the same clear ValueError on every rank, naming the argument and the rank; never a
+hang (run_ranks kills ranks that outlive their timeout and fails the test)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fla_cp.ops import build_cp_context, chunk_cp_gated_delta_rule
+
+from _dist import run_ranks
+
+P = 2
+T = 64
+
+
+def _inputs(B=1, T_loc=T // P, H=2, HV=2, K=8, V=8, dtype=torch.float32):
+    q = torch.randn(B, T_loc, H, K, dtype=dtype)
+    return dict(q=q, k=torch.randn_like(q), v=torch.randn(B, T_loc, HV, V, dtype=dtype),
+                g=-torch.rand(B, T_loc, HV), beta=torch.rand(B, T_loc, HV))
+
+
+def _call(rank, x, ctx, **kw):
+    return chunk_cp_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], cp_context=ctx, **kw)
+
+
+def case_k_shape_on_one_rank(rank):
+    x = _inputs()
+    if rank == 1:
+        x["k"] = x["k"][..., :4]
+    _call(rank, x, build_cp_context(None, seq_len=T))
+
+
+def case_head_dim_differs_between_ranks(rank):
+    _call(rank, _inputs(K=8 if rank == 0 else 16), build_cp_context(None, seq_len=T))
+
+
+def case_dtype_differs_between_ranks(rank):
+    _call(rank, _inputs(dtype=torch.float32 if rank == 0 else torch.bfloat16), build_cp_context(None, seq_len=T))
+
+
+def case_cu_seqlens_differ_between_ranks(rank):
+    build_cp_context(None, cu_seqlens=torch.tensor([0, 10, T] if rank == 0 else [0, 11, T]))
+
+
+def case_cu_seqlens_not_increasing(rank):
+    build_cp_context(None, cu_seqlens=torch.tensor([0, 30, 30, T]))
+
+
+def case_local_token_count(rank):
+    ctx = build_cp_context(None, cu_seqlens=torch.tensor([0, 10, T]))
+    _call(rank, _inputs(T_loc=T // P + (rank == 0)), ctx)
+
+
+def case_batch_with_cu_seqlens(rank):
+    _call(rank, _inputs(B=2), build_cp_context(None, cu_seqlens=torch.tensor([0, 10, T])))
+
+
+def case_hv_not_multiple_of_h(rank):
+    _call(rank, _inputs(H=2, HV=3), build_cp_context(None, seq_len=T))
+
+
+def case_context_for_other_group_size(rank):
+    ctx = dataclasses.replace(build_cp_context(None, seq_len=T), world_size=4)
+    _call(rank, _inputs(), ctx)
+
+
+def case_initial_state_shape(rank):
+    ctx = build_cp_context(None, cu_seqlens=torch.tensor([0, 10, T]))
+    _call(rank, _inputs(), ctx, initial_state=torch.zeros(1, 2, 8, 8))   # 2 sequences, not 1
+
+
+def case_sequence_shorter_than_group(rank):
+    build_cp_context(None, seq_len=3, layout="zigzag")
+
+
+def case_mismatched_cu_seqlens_argument(rank):
+    ctx = build_cp_context(None, cu_seqlens=torch.tensor([0, 10, T]))
+    _call(rank, _inputs(), ctx, cu_seqlens=torch.tensor([0, 12, T]))
+
+
+# case -> words the message must contain
+CASES = {
+    case_k_shape_on_one_rank: ["rank 1", "k has shape"],
+    case_head_dim_differs_between_ranks: ["differs between ranks", "rank 1", "B/H/K/HV/V"],
+    case_dtype_differs_between_ranks: ["differs between ranks", "dtype"],
+    case_cu_seqlens_differ_between_ranks: ["cu_seqlens", "differs between ranks", "rank 1"],
+    case_cu_seqlens_not_increasing: ["cu_seqlens", "strictly increasing", "rank 0", "rank 1"],
+    case_local_token_count: ["rank 0", "tokens", "cp_context"],
+    case_batch_with_cu_seqlens: ["batch size 1", "B=2", "rank 0"],
+    case_hv_not_multiple_of_h: ["HV=3", "H=2", "rank 0"],
+    case_context_for_other_group_size: ["cp_context", "4 ranks", "has 2"],
+    case_initial_state_shape: ["initial_state", "N=2", "rank 0"],
+    case_sequence_shorter_than_group: ["seq_len=3", "zigzag"],
+    case_mismatched_cu_seqlens_argument: ["cu_seqlens differs", "rank 1"],
+}
+
+
+def _worker(rank, world_size, cases):
+    messages = []
+    for case in cases:
+        try:
+            case(rank)
+            messages.append(None)
+        except ValueError as e:
+            messages.append(str(e))
+    # a working call afterwards: the group is still in step after every error
+    x = _inputs()
+    o, _ = _call(rank, x, build_cp_context(None, seq_len=T))
+    return messages, tuple(o.shape)
+
+
+@pytest.mark.timeout(240)
+def test_bad_input_raises_on_every_rank():
+    results = run_ranks(_worker, P, (list(CASES),), timeout=180)
+    for rank, (messages, shape) in enumerate(results):
+        assert shape == (1, T // P, 2, 8)
+        for (case, words), msg in zip(CASES.items(), messages):
+            assert msg is not None, f"{case.__name__}: rank {rank} raised nothing"
+            for w in words:
+                assert w in msg, f"{case.__name__}: {w!r} not in rank {rank}'s message: {msg}"
+
+
+def test_single_process_errors():
+    x = _inputs(T_loc=T)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        chunk_cp_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], backend="cuda")
+    with pytest.raises(ValueError, match="g has shape"):
+        chunk_cp_gated_delta_rule(x["q"], x["k"], x["v"], x["g"][:, :, :1], x["beta"])
+    with pytest.raises(ValueError, match="layout must be one of"):
+        build_cp_context(None, seq_len=T, layout="ring")
