@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from fla_cp.ops import comm
 from fla_cp.ops.backends import get_backend
