@@ -1,0 +1,189 @@
+"""GatedDeltaNet with context parallelism, parameter-compatible with FLA's `GatedDeltaNet`.
+
+`GatedDeltaNetCP` *is* an `fla.layers.GatedDeltaNet` (it subclasses it and keeps its constructor), so
+parameter names, shapes and initialisation are FLA's by construction and FLA state dicts load
+unchanged. Only `forward` differs:
+
+    o, _, cache = layer(hidden_states_local, cp_context=ctx)        # ctx from fla_cp.ops.build_cp_context
+
+- `hidden_states_local` is this rank's `[B, T_loc, D]` slice (`ctx.shard(x, dim=1)`); the output is
+  the same slice of what one device computes on the whole sequence (states cross ranks inside
+  `chunk_cp_gated_delta_rule`, conv halos inside `conv_halo`).
+- `cp_context=None`: an ordinary single-device layer (any device). `cu_seqlens` then gives packed
+  local boundaries (B == 1); with a context, boundaries come from `ctx.cu_seqlens` (global).
+- `attention_mask` `[B, T]` (1 = token, 0 = padding; left or right padding) gives FLA's per-token
+  results: padded positions are made *neutral* instead of being removed — their conv input is zero,
+  their decay is 1 (g = 0) and their write strength is 0 (beta = 0), so the state and the conv window
+  of the first real token are exactly those of an unpadded sequence, and their outputs are zero.
+  This keeps a dense CP split valid for padded rows. (Holes in the middle of a row are not FLA's
+  semantics — FLA would join the pieces — and are not supported.) Under CP the mask may be global
+  `[B, T]` or this rank's `[B, T_loc]`.
+- `past_key_values`/`use_cache`: FLA's `Cache`; the recurrent state is stored as `[N, HV, K, V]`
+  (fla_cp's layout, not FLA's `state_v_first`) and the conv state as FLA's `(q, k, v)` tuple of
+  `[N, D, W]`. Under CP the cache must start empty (prefill); the states of every sequence are then
+  gathered to all ranks, so decoding can continue on any rank without CP.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from fla.layers import GatedDeltaNet
+from fla.layers.utils import get_layer_cache, update_layer_cache
+
+from fla_cp.layers.functional import gdn_gate, rms_norm, rms_norm_gated
+from fla_cp.layers.short_conv_cp import causal_conv, conv_halo
+from fla_cp.ops import chunk_cp_gated_delta_rule, comm
+
+
+class GatedDeltaNetCP(GatedDeltaNet):
+    """FLA's GatedDeltaNet layer whose forward also runs on a CP shard (see module docstring)."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cp_context=None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.LongTensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = False,
+        output_attentions: bool | None = False,
+        **kwargs,
+    ):
+        cp = cp_context
+        B, T, _ = hidden_states.shape
+        last_state = get_layer_cache(module=self, past_key_values=past_key_values)
+        if cp is not None and last_state is not None:
+            raise ValueError("GatedDeltaNetCP: a CP forward must start from an empty cache (CP prefill); "
+                             "decode steps run without cp_context")
+        if cp is not None and cp.packed and B != 1:
+            raise ValueError(f"packed CP input must have batch size 1, got {B}")
+        if cp is None and cu_seqlens is not None and B != 1:
+            raise ValueError(f"cu_seqlens requires batch size 1, got {B}")
+
+        mask = self._local_mask(attention_mask, cp, cu_seqlens, T)
+        if mask is not None:
+            hidden_states = hidden_states * mask.unsqueeze(-1).to(hidden_states.dtype)
+
+        row_bounds = self._row_segments(cp, cu_seqlens, T)
+        flat_bounds = [(b * T + s, b * T + e) for b in range(B) for s, e in row_bounds]
+
+        conv_state = None
+        if self.use_short_conv:
+            q, k, v, conv_state = self._short_conv(hidden_states, cp, flat_bounds, row_bounds, last_state, use_cache)
+        else:
+            q, k, v = (F.silu(p(hidden_states)) for p in (self.q_proj, self.k_proj, self.v_proj))
+
+        q, k = (rearrange(x, '... (h d) -> ... h d', d=self.head_k_dim) for x in (q, k))
+        v = rearrange(v, '... (h d) -> ... h d', d=self.head_v_dim)
+        g = gdn_gate(self.a_proj(hidden_states), self.A_log, self.dt_bias)
+        beta = self.b_proj(hidden_states).float().sigmoid()
+        if self.allow_neg_eigval:
+            beta = beta * 2.0
+        beta = beta.to(hidden_states.dtype)
+        if mask is not None:
+            # neutral padding: S_t = S_{t-1} exactly (decay 1, no write)
+            g = g * mask.unsqueeze(-1)
+            beta = beta * mask.unsqueeze(-1).to(beta.dtype)
+
+        if cp is not None:
+            o, recurrent_state = chunk_cp_gated_delta_rule(
+                q, k, v, g, beta, cp_context=cp, output_final_state=bool(use_cache),
+                use_qk_l2norm_in_kernel=True)
+        else:
+            o, recurrent_state = chunk_cp_gated_delta_rule(
+                q, k, v, g, beta, cp_context=None, cu_seqlens=cu_seqlens,
+                initial_state=last_state['recurrent_state'] if last_state is not None else None,
+                output_final_state=bool(use_cache), use_qk_l2norm_in_kernel=True)
+
+        if past_key_values is not None:
+            update_layer_cache(
+                module=self, past_key_values=past_key_values, recurrent_state=recurrent_state,
+                conv_state=conv_state, offset=cp.total_len if cp is not None else T)
+
+        if self.use_gate:
+            gate = rearrange(self.g_proj(hidden_states), '... (h d) -> ... h d', d=self.head_v_dim)
+            o = rms_norm_gated(self.o_norm, o, gate)
+        else:
+            o = rms_norm(self.o_norm, o)
+        o = self.o_proj(rearrange(o, 'b t h d -> b t (h d)'))
+        if mask is not None:
+            o = o * mask.unsqueeze(-1).to(o.dtype)
+        return o, None, past_key_values
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _local_mask(attention_mask, cp, cu_seqlens, T):
+        """The padding mask of this call's tokens as float `[B, T]`, or None (packed input ignores it)."""
+        if attention_mask is None or cu_seqlens is not None or (cp is not None and cp.packed):
+            return None
+        if attention_mask.dim() != 2:
+            raise ValueError("attention_mask must be a [batch_size, seq_len] 0/1 padding mask")
+        if cp is not None and attention_mask.shape[-1] == cp.total_len and cp.total_len != T:
+            attention_mask = cp.shard(attention_mask, dim=1)
+        elif attention_mask.shape[-1] != T:
+            # decoding: FLA reads the mask's last q_len columns
+            attention_mask = attention_mask[:, -T:]
+        return attention_mask.float()
+
+    @staticmethod
+    def _row_segments(cp, cu_seqlens, T) -> list[tuple[int, int]]:
+        """Sequence pieces of one row of local tokens, `(start, end)`."""
+        if cp is not None:
+            return [(s.start, s.end) for s in cp.segments]
+        if cu_seqlens is not None:
+            cu = cu_seqlens.tolist()
+            if cu[0] != 0 or cu[-1] != T:
+                raise ValueError(f"cu_seqlens must span the {T} input tokens, got {cu[:4]}...{cu[-1:]}")
+            return list(zip(cu[:-1], cu[1:]))
+        return [(0, T)]
+
+    def _short_conv(self, hidden_states, cp, flat_bounds, row_bounds, last_state, use_cache):
+        """q, k, v after their short convs, run as one conv on the concatenated channels."""
+        B, T, _ = hidden_states.shape
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        x = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1)
+        C, W = x.shape[-1], self.conv_size
+        weight = torch.cat([c.weight.squeeze(1) for c in convs], 0)
+        bias = torch.cat([c.bias for c in convs], 0) if self.conv_bias else None
+
+        init = None
+        if cp is not None:
+            halo = conv_halo(x, cp, W)                           # one collective over the CP group
+            if halo is not None:
+                init = halo.reshape(B * len(row_bounds), W - 1, C)
+        elif last_state is not None and last_state.get('conv_state') is not None:
+            state = torch.cat(last_state['conv_state'], 1)       # [N, C, W]: last W inputs
+            if state.shape[0] != len(flat_bounds):
+                raise ValueError(f"conv cache holds {state.shape[0]} sequences, input has {len(flat_bounds)}")
+            init = state[..., 1:].transpose(1, 2)
+
+        y, final = causal_conv(x.reshape(B * T, C), weight, bias, flat_bounds, init,
+                               activation=self.q_conv1d.activation, output_final_state=bool(use_cache))
+        q, k, v = torch.split(y.view(B, T, C), [self.key_dim, self.key_dim, self.value_dim], -1)
+
+        conv_state = None
+        if use_cache:
+            if cp is not None:
+                final = self._gather_seq_end_states(final, cp, B)
+            conv_state = tuple(torch.split(final, [self.key_dim, self.key_dim, self.value_dim], 1))
+        return q, k, v, conv_state
+
+    @staticmethod
+    def _gather_seq_end_states(final: torch.Tensor, cp, B: int) -> torch.Tensor:
+        """Per-sequence conv states `[N, C, W]` on every rank, from the ranks holding sequence ends.
+
+        `final` holds one state per local segment (`[B * S_loc, C, W]`); the segment that ends a
+        sequence owns its true state (its window already includes the halo). One all-reduce.
+        """
+        S = len(cp.segments)
+        n_rows = B if not cp.packed else cp.num_seqs
+        out = final.new_zeros(n_rows, *final.shape[1:])
+        final = final.view(B, S, *final.shape[1:])
+        for i, s in enumerate(cp.segments):
+            if s.ends_seq:
+                if cp.packed:
+                    out[s.seq] = final[0, i]
+                else:
+                    out[:] = final[:, i]
+        return comm.all_reduce_sum(out, cp.group) if cp.world_size > 1 else out.detach()

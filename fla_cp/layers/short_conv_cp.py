@@ -1,0 +1,156 @@
+"""Causal depthwise short convolution (GDN's `ShortConvolution`) under context parallelism.
+
+A token's window is itself plus the W-1 tokens before it *in the same sequence*. Under CP the window
+of a part's first tokens reaches into earlier parts, possibly several of them when parts are shorter
+than W-1 (DESIGN.md §5). We exchange that *halo* with one collective: every rank all-gathers the last
+W-1 conv inputs of each of its parts; each segment that continues a sequence from an earlier part
+then picks the W-1 predecessors it needs (stopping at the sequence's first token, so a halo never
+leaks across documents). The exchange is an autograd function whose backward sums the halo gradients
+over the group and hands each rank the gradient of its own tails: halo gradients reach their owners.
+
+The convolution itself is written as a gather of explicit windows (`[N, W, D]`) and a weighted sum,
+which handles packed segments, per-segment initial states (halo or decode cache) and final states in
+one vectorised pass on any device. Its math is FLA's `causal_conv1d`: `y_t = act(sum_j w[:, j] *
+x_{t-W+1+j} + b)`, with a cache `[N, D, W]` holding a sequence's last W inputs (oldest first).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fla_cp.ops import comm
+
+
+def causal_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bounds: list[tuple[int, int]],
+    init: torch.Tensor | None = None,
+    activation: str | None = "silu",
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal depthwise conv over a flat stream of segments.
+
+    Args:
+        x: `[N, D]` inputs; `bounds` lists the `(start, end)` of the S segments covering `[0, N)`.
+        weight: `[D, W]`; bias: `[D]` or None.
+        init: `[S, W-1, D]` inputs that precede each segment (oldest first), or None for zeros.
+    Returns:
+        y `[N, D]`, and when `output_final_state` the last W inputs of every segment `[S, D, W]`.
+    """
+    N, D = x.shape
+    W = weight.shape[-1]
+    S = len(bounds)
+    idx = _window_index(bounds, N, W, has_init=init is not None)
+    parts = [x]
+    if init is not None:
+        parts.append(init.reshape(S * (W - 1), D).to(x.dtype))
+    parts.append(x.new_zeros(1, D))
+    src = torch.cat(parts, 0)
+    windows = src[idx.to(x.device)]                                   # [N, W, D]
+    y = torch.einsum('nwd,dw->nd', windows, weight.to(x.dtype))
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    if activation in ("silu", "swish"):
+        y = F.silu(y)
+    elif activation is not None:
+        raise ValueError(f"unsupported activation {activation!r}")
+    final = None
+    if output_final_state:
+        last = torch.tensor([e - 1 for _, e in bounds], device=x.device)
+        final = windows[last].transpose(1, 2).contiguous()           # [S, D, W]
+    return y, final
+
+
+def _window_index(bounds: list[tuple[int, int]], N: int, W: int, has_init: bool) -> torch.Tensor:
+    """Row of `src = [x; init; 0]` for every (token, tap): `[N, W]`, tap W-1 is the token itself."""
+    S = len(bounds)
+    starts = torch.tensor([s for s, _ in bounds], dtype=torch.long)
+    lens = torch.tensor([e - s for s, e in bounds], dtype=torch.long)
+    if int(lens.sum()) != N or (S and (bounds[0][0] != 0)):
+        raise ValueError(f"segments {bounds[:4]}... do not cover the {N} local tokens")
+    seg = torch.repeat_interleave(torch.arange(S), lens)               # [N]
+    t = torch.arange(N)
+    lag = torch.arange(W - 1, -1, -1)                                  # tap j looks back W-1-j tokens
+    pos = t[:, None] - lag[None, :]
+    start = starts[seg][:, None]
+    inside = pos >= start
+    zero_row = N + (S * (W - 1) if has_init else 0)
+    if has_init:
+        before = start - pos                                           # 1..W-1 tokens before the segment
+        from_init = N + seg[:, None] * (W - 1) + (W - 1 - before)
+        outside = from_init
+    else:
+        outside = torch.full_like(pos, zero_row)
+    return torch.where(inside, pos, outside)
+
+
+class _GatherTails(torch.autograd.Function):
+    """all_gather of every rank's part tails; backward returns each rank its tails' gradient."""
+
+    @staticmethod
+    def forward(ctx, tails: torch.Tensor, group, rank: int):
+        ctx.group, ctx.rank = group, rank
+        return comm.all_gather(tails, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return comm.all_reduce_sum(grad.contiguous(), ctx.group)[ctx.rank], None, None
+
+
+def _owner_slot(cp_context) -> dict[int, int]:
+    """Part index -> its position among its owner's parts (local order is ascending part index)."""
+    slot, seen = {}, {}
+    for p in cp_context.parts:
+        slot[p.index] = seen.get(p.owner, 0)
+        seen[p.owner] = slot[p.index] + 1
+    if sorted(cp_context.local_parts) != list(cp_context.local_parts):
+        raise AssertionError("short_conv_cp assumes a rank's parts are held in ascending order")
+    return slot
+
+
+def conv_halo(x: torch.Tensor, cp_context, W: int) -> torch.Tensor | None:
+    """Inputs preceding each local segment: `[B, S, W-1, D]` (zeros where a sequence starts).
+
+    `x` is this rank's `[B, T_loc, D]` conv input; segments are `cp_context.segments` (same for every
+    row of a dense batch). Returns None when no part continues a sequence (no collective then).
+    Collective over the CP group: call on every rank.
+    """
+    cp = cp_context
+    if W == 1 or not any(p.from_prev for p in cp.parts):
+        return None
+    B, _, D = x.shape
+    H = W - 1
+    nlp = len(cp.local_parts)
+    # The last W-1 inputs of each local part (left-padded with zeros when the part is shorter).
+    tails, offset = [], 0
+    for j in cp.local_parts:
+        n = cp.parts[j].end - cp.parts[j].start
+        tail = x[:, offset + max(0, n - H): offset + n]
+        if tail.shape[1] < H:
+            tail = torch.cat([tail.new_zeros(B, H - tail.shape[1], D), tail], 1)
+        tails.append(tail)
+        offset += n
+    gathered = _GatherTails.apply(torch.stack(tails), cp.group, cp.rank)   # [P, nlp, B, H, D]
+    src = gathered.permute(2, 0, 1, 3, 4).reshape(B, -1, D)              # [B, P*nlp*H, D]
+    src = torch.cat([src, src.new_zeros(B, 1, D)], 1)
+    zero_row = src.shape[1] - 1
+
+    slot, cu = _owner_slot(cp), cp.cu_seqlens.tolist()
+    starts = [p.start for p in cp.parts]
+    index = []
+    for s in cp.segments:
+        row = [zero_row] * H
+        if not s.starts_seq:
+            p0 = cp.parts[s.part].start
+            for i in range(H):
+                pos = p0 - H + i
+                if pos < cu[s.seq]:
+                    continue                                           # before the document: zero
+                m = max(j for j, st in enumerate(starts) if st <= pos)
+                pm = cp.parts[m]
+                row[i] = (pm.owner * nlp + slot[m]) * H + H - (pm.end - pos)
+        index.append(row)
+    index = torch.tensor(index, dtype=torch.long, device=x.device)       # [S, H]
+    return src[:, index]                                               # [B, S, H, D]

@@ -1,0 +1,434 @@
+"""Gated DeltaNet language model with exact context parallelism (CP), loading FLA checkpoints unchanged.
+
+Usage (under `torchrun --nproc-per-node=WORLD`, world = dp x cp; CP groups are consecutive ranks)::
+
+    import fla_cp                                              # registers `gated_deltanet_cp`
+    model = AutoModelForCausalLM.from_pretrained(path, cp_size=4)
+    # or GatedDeltaNetCPForCausalLM.from_pretrained(fla_checkpoint_dir, cp_size=4)   (FLA's
+    #    GatedDeltaNetForCausalLM checkpoints: same parameter names, no conversion)
+    # or ...from_pretrained(path, device_mesh=init_cp_mesh(4))  /  (path, cp_group=my_group)
+    # or GatedDeltaNetCPForCausalLM(config, device_mesh=None, cp_group=None)   (mesh from config.cp_size)
+
+    out = model(input_ids=ids, labels=ids)                     # every CP rank passes the SAME full batch
+    out.loss.backward()                                        # out.loss: global token mean, same on all CP ranks
+    sync_gradients(model)                                      # .grad == single-device grad of the global batch
+    optimizer.step()
+
+Attributes: `model.cp_group`, `model.dp_group` (None when absent), `model.cp_size`.
+
+Forward arguments beyond HF's:
+    cu_seqlens          global boundaries `[N+1]` of a packed batch (B == 1); documents never exchange
+                        state, conv windows or labels.
+    attention_mask      `[B, T]` padding mask (left or right padding); padded tokens are neutral (see
+                        `fla_cp.layers.gated_deltanet_cp`). Put -100 in `labels` at pads, as with HF.
+    inputs_are_sharded  False (default): `input_ids`/`labels`/`attention_mask` are the full global batch
+                        and the model shards them (like TransformerEngine's `get_batch_on_this_cp_rank`).
+                        True: the caller passes this rank's shard, `ctx.shard(x, dim=1)` with
+                        `ctx = model.build_cp_context(seq_len=T)` or `(cu_seqlens=cu)` (or pass
+                        `cp_context=ctx`); `cu_seqlens` stays global. Labels can't be shifted locally (a
+                        rank's last token predicts the next rank's first), so `labels` must then be the
+                        *already shifted* labels, sharded the same way:
+                        `labels=ctx.shard(shift_labels_globally(labels, cu_seqlens), dim=1)`.
+    shift_labels        HF-style alternative to `labels`: labels already shifted (global, or local when
+                        `inputs_are_sharded`).
+    gather_logits       False: `out.logits` is this rank's `[B, T_loc, V]`; True: global `[B, T, V]`
+                        (the final hidden states are all-gathered, differentiably, then projected).
+    cp_context          a prebuilt `fla_cp.ops.CPContext` (saves one tiny collective per call).
+
+Loss: labels are shifted on the global sequence (`shift_labels_globally`: predict the next token, the
+last token of every row / packed document gets -100), each rank sums the cross-entropy of its tokens,
+and one all-reduce of (sum, count) over the CP group gives the global mean, identical on every CP rank.
+The backward of that all-reduce is the identity, so each rank's parameter gradients are the *partial*
+contribution of its tokens; their sum over the CP group is the single-device gradient.
+
+Gradients: `sync_gradients(model)` sums `.grad` over the CP group and averages over the DP group (the
+DP average is the mean of per-replica losses, as with DDP). With a data-parallel wrapper instead:
+    - DDP: wrap with `process_group=` the flattened dp x cp group (the whole world for `init_cp_mesh`,
+      or `mesh._flatten("dp_cp").get_group()`), and backpropagate `out.loss * model.cp_size`: DDP
+      divides by dp*cp, the CP ranks' partial gradients must be summed, so the factor cp restores it.
+    - FSDP2: `fully_shard(module, mesh=mesh._flatten("dp_cp"))` (1-D over dp x cp) with the same
+      `loss * cp_size` scaling (or `module.set_gradient_divide_factor(dp)` and no scaling).
+
+Generation: `model.generate(input_ids, max_new_tokens=..., do_sample=False)` on every rank of a CP group
+with the same prompt: the prefill runs with CP (the cache starts empty); the recurrent and conv states
+of every layer are gathered to all ranks, the last-position logits too, and decoding then runs the
+cached single-token steps replicated on every rank: all ranks return the same tokens as cp_size=1.
+
+Limits: hybrid configs with attention layers (`attn`) and `attnres_block_size` raise under CP>1
+(resp. always for attnres); the prompt/sequence must have at least as many tokens as CP parts.
+"""
+from __future__ import annotations
+
+import contextvars
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from fla.models.cache_utils import Cache
+from fla.models.gated_deltanet.modeling_gated_deltanet import GatedDeltaNetPreTrainedModel
+from fla.models.generation_utils import FLAUnsupportedCacheGenerationMixin
+from fla.models.modeling_utils import FLAForCausalLM, get_attention
+from fla.modules import GatedMLP, RMSNorm
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from fla_cp.layers import GatedDeltaNetCP
+from fla_cp.layers.functional import gated_mlp, rms_norm
+from fla_cp.models.gated_deltanet_cp.configuration_gated_deltanet_cp import GatedDeltaNetCPConfig
+from fla_cp.ops import build_cp_context, comm
+
+IGNORE_INDEX = -100
+
+# `from_pretrained` hands (device_mesh, cp_group) to `__init__` through this, because HF's own
+# `from_pretrained` would take `device_mesh` for tensor parallelism.
+_PENDING_GROUPS: contextvars.ContextVar = contextvars.ContextVar("fla_cp_pending_groups", default=(None, None))
+
+
+# ---------------------------------------------------------------------------------- process groups
+def init_cp_mesh(cp_size: int, device_type: str | None = None):
+    """A `DeviceMesh` with dims ("dp", "cp") over the world: CP groups are consecutive ranks.
+
+    Returns None when `cp_size == 1` and torch.distributed is not initialised (single process).
+    """
+    cp_size = int(cp_size)
+    if cp_size < 1:
+        raise ValueError(f"cp_size must be >= 1, got {cp_size}")
+    if not (dist.is_available() and dist.is_initialized()):
+        if cp_size > 1:
+            raise ValueError(f"cp_size={cp_size} needs torch.distributed: launch with torchrun (or call "
+                             f"torch.distributed.init_process_group first), or use cp_size=1")
+        return None
+    world = dist.get_world_size()
+    if world % cp_size:
+        raise ValueError(f"cp_size={cp_size} does not divide the world size {world} (world = dp x cp)")
+    from torch.distributed.device_mesh import init_device_mesh
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    return init_device_mesh(device_type, (world // cp_size, cp_size), mesh_dim_names=("dp", "cp"))
+
+
+def _resolve_groups(config, device_mesh, cp_group):
+    """(cp_group, dp_group) from an explicit group, a mesh, or config.cp_size."""
+    if device_mesh is not None and cp_group is not None:
+        raise ValueError("pass either device_mesh or cp_group, not both")
+    dp_group = None
+    if cp_group is None:
+        if device_mesh is None:
+            device_mesh = init_cp_mesh(config.cp_size)
+        if device_mesh is not None:
+            if tuple(device_mesh.mesh_dim_names or ()) != ("dp", "cp"):
+                raise ValueError(f"device_mesh must have dims ('dp', 'cp'), got {device_mesh.mesh_dim_names}")
+            cp_group = device_mesh["cp"].get_group()
+            if device_mesh["dp"].size() > 1:
+                dp_group = device_mesh["dp"].get_group()
+    size = dist.get_world_size(cp_group) if cp_group is not None else 1
+    if config.cp_size not in (1, size):
+        raise ValueError(f"config.cp_size={config.cp_size} but the CP group has {size} ranks")
+    config.cp_size = size
+    return cp_group, dp_group
+
+
+def _check_supported(config):
+    if getattr(config, "attnres_block_size", None) is not None:
+        raise NotImplementedError("GatedDeltaNetCP models do not support attnres_block_size")
+    if config.cp_size > 1 and config.attn is not None:
+        raise ValueError("hybrid configs with attention layers (`attn`) are not supported with cp_size > 1 yet: "
+                         "softmax attention has no CP path in fla_cp; use cp_size=1 or a pure GDN config")
+
+
+# ------------------------------------------------------------------------------------------ labels
+def shift_labels_globally(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token targets on the global sequence: `out[:, t] = labels[:, t+1]`; -100 at the last token
+    of every row and, with packed `cu_seqlens`, of every document (never the next document's first)."""
+    out = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], 1)
+    if cu_seqlens is not None:
+        ends = torch.as_tensor(cu_seqlens, device=labels.device)[1:].long() - 1
+        out[:, ends] = IGNORE_INDEX
+    return out
+
+
+class _AllReduceIdentityBackward(torch.autograd.Function):
+    """Sum over the CP group; backward passes the gradient through unchanged, so every rank keeps the
+    partial gradient of its own tokens (summed over the group later by `sync_gradients`)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return comm.all_reduce_sum(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+# ------------------------------------------------------------------------------------------- model
+class GatedDeltaNetCPBlock(GradientCheckpointingLayer):
+    """FLA's GatedDeltaNetBlock (same submodule names), with CP-aware mixer and CPU-capable norms/MLP."""
+
+    def __init__(self, config: GatedDeltaNetCPConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.attn_norm = (RMSNorm if config.fuse_norm else nn.RMSNorm)(config.hidden_size, eps=config.norm_eps)
+        self.attn = get_attention(config=config, layer_idx=layer_idx)
+        if self.attn is None:
+            self.attn = GatedDeltaNetCP(
+                hidden_size=config.hidden_size, expand_v=config.expand_v, head_dim=config.head_dim,
+                num_heads=config.num_heads, num_v_heads=config.num_v_heads, mode=config.attn_mode,
+                use_gate=config.use_gate, use_short_conv=config.use_short_conv,
+                allow_neg_eigval=config.allow_neg_eigval, conv_size=config.conv_size, layer_idx=layer_idx,
+                norm_eps=config.norm_eps, output_gate_activation=config.output_gate_activation)
+        self.mlp_norm = (RMSNorm if config.fuse_norm else nn.RMSNorm)(config.hidden_size, eps=config.norm_eps)
+        self.mlp = GatedMLP(hidden_size=config.hidden_size, hidden_ratio=config.hidden_ratio,
+                            intermediate_size=config.intermediate_size, hidden_act=config.hidden_act,
+                            fuse_swiglu=config.fuse_swiglu)
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False,
+                cp_context=None, cu_seqlens=None, **kwargs):
+        residual = hidden_states
+        hidden_states = rms_norm(self.attn_norm, hidden_states)
+        if isinstance(self.attn, GatedDeltaNetCP):
+            hidden_states, _, past_key_values = self.attn(
+                hidden_states, cp_context=cp_context, attention_mask=attention_mask, cu_seqlens=cu_seqlens,
+                past_key_values=past_key_values, use_cache=use_cache)
+        else:  # softmax attention layer of a hybrid config (cp_size == 1 only)
+            hidden_states, _, past_key_values = self.attn(
+                hidden_states=hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
+                use_cache=use_cache, cu_seqlens=cu_seqlens, **kwargs)
+        if self.config.fuse_norm:
+            hidden_states, residual = rms_norm(self.mlp_norm, hidden_states, residual, prenorm=True)
+        else:
+            hidden_states = residual + hidden_states
+            residual = hidden_states
+            hidden_states = self.mlp_norm(hidden_states)
+        hidden_states = residual + gated_mlp(self.mlp, hidden_states)
+        return hidden_states, past_key_values
+
+
+class GatedDeltaNetCPPreTrainedModel(GatedDeltaNetPreTrainedModel):
+    # FLA's init (A_log / dt_bias for GatedDeltaNet, which GatedDeltaNetCP is) and HF plumbing.
+    config_class = GatedDeltaNetCPConfig
+    _no_split_modules = ['GatedDeltaNetCPBlock']
+
+    @classmethod
+    def from_pretrained(cls, *args, device_mesh=None, cp_group=None, **kwargs):
+        """HF `from_pretrained` plus `cp_size=` (a config field), `device_mesh=` or `cp_group=`."""
+        token = _PENDING_GROUPS.set((device_mesh, cp_group))
+        try:
+            return super().from_pretrained(*args, **kwargs)
+        finally:
+            _PENDING_GROUPS.reset(token)
+
+    def _setup_cp(self, config, device_mesh, cp_group):
+        if device_mesh is None and cp_group is None:
+            device_mesh, cp_group = _PENDING_GROUPS.get()
+        self.cp_group, self.dp_group = _resolve_groups(config, device_mesh, cp_group)
+        self.cp_size = config.cp_size
+        _check_supported(config)
+
+    def build_cp_context(self, seq_len: int | None = None, cu_seqlens=None):
+        """The `CPContext` this model uses for a batch (collective over the CP group)."""
+        if seq_len is None and cu_seqlens is None:
+            raise ValueError("pass seq_len (dense) or cu_seqlens (packed)")
+        if cu_seqlens is not None:
+            return build_cp_context(self.cp_group, cu_seqlens=cu_seqlens, layout=self.config.cp_layout)
+        return build_cp_context(self.cp_group, seq_len=seq_len, layout=self.config.cp_layout)
+
+
+class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
+
+    def __init__(self, config: GatedDeltaNetCPConfig, device_mesh=None, cp_group=None):
+        super().__init__(config)
+        self._setup_cp(config, device_mesh, cp_group)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([GatedDeltaNetCPBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = (RMSNorm if config.fuse_norm else nn.RMSNorm)(config.hidden_size, eps=config.norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        inputs_are_sharded: bool = False,
+        cp_context=None,
+        **kwargs,
+    ):
+        """Returns this rank's final hidden states `[B, T_loc, D]` (see the module docstring).
+
+        The `CPContext` used is returned in `output.cp_context` (None without CP).
+        """
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else \
+            self.config.output_hidden_states
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache if not self.training else False)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("specify exactly one of input_ids or inputs_embeds")
+        if use_cache and not isinstance(past_key_values, Cache):
+            past_key_values = Cache.from_legacy_cache(past_key_values)
+
+        cp = self._cp_context_for(input_ids if input_ids is not None else inputs_embeds, cu_seqlens,
+                                  past_key_values, inputs_are_sharded, cp_context)
+        if cp is not None and not inputs_are_sharded:
+            input_ids = cp.shard(input_ids, dim=1) if input_ids is not None else None
+            inputs_embeds = cp.shard(inputs_embeds, dim=1) if inputs_embeds is not None else None
+        hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+
+        all_hidden_states = () if output_hidden_states else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, past_key_values = layer(
+                hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
+                use_cache=use_cache, cp_context=cp, cu_seqlens=None if cp is not None else cu_seqlens, **kwargs)
+        hidden_states = rms_norm(self.norm, hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        out = BaseModelOutputWithPast(last_hidden_state=hidden_states,
+                                      past_key_values=past_key_values if use_cache else None,
+                                      hidden_states=all_hidden_states)
+        out.cp_context = cp
+        return out if return_dict else out.to_tuple()
+
+    def _cp_context_for(self, inputs, cu_seqlens, past_key_values, inputs_are_sharded, cp_context):
+        """The CP split of this call, or None (cp_size 1, or a decode step after a CP prefill)."""
+        if self.cp_size == 1:
+            if inputs_are_sharded:
+                raise ValueError("inputs_are_sharded=True needs cp_size > 1")
+            return None
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            # decode: every rank holds the gathered states and runs the same replicated step
+            if inputs_are_sharded or cp_context is not None:
+                raise ValueError("steps with a non-empty cache run replicated: pass full inputs, no cp_context")
+            return None
+        if cp_context is not None:
+            return cp_context
+        if cu_seqlens is not None:
+            return self.build_cp_context(cu_seqlens=cu_seqlens)
+        T = inputs.shape[1]
+        if not inputs_are_sharded:
+            return self.build_cp_context(seq_len=T)
+        n_parts = self.cp_size * (2 if self.config.cp_layout == "zigzag" else 1)
+        ctx = self.build_cp_context(seq_len=T * self.cp_size)
+        if any(p.end - p.start != T * self.cp_size // n_parts for p in ctx.parts):
+            raise ValueError("with inputs_are_sharded=True and a dense batch whose length is not a multiple of "
+                             "the number of CP parts, pass cp_context=model.build_cp_context(seq_len=T)")
+        return ctx
+
+
+class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM, FLAUnsupportedCacheGenerationMixin):
+
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: GatedDeltaNetCPConfig, device_mesh=None, cp_group=None):
+        super().__init__(config)
+        self.model = GatedDeltaNetCPModel(config, device_mesh=device_mesh, cp_group=cp_group)
+        self.cp_group, self.dp_group, self.cp_size = self.model.cp_group, self.model.dp_group, self.model.cp_size
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.criterion = None
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values=None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor | None = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        inputs_are_sharded: bool = False,
+        gather_logits: bool = False,
+        shift_labels: torch.LongTensor | None = None,
+        cp_context=None,
+        **kwargs,
+    ):
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=output_hidden_states,
+            return_dict=True, cu_seqlens=cu_seqlens, inputs_are_sharded=inputs_are_sharded,
+            cp_context=cp_context, **kwargs)
+        hidden_states, cp = outputs.last_hidden_state, outputs.cp_context
+
+        loss = None
+        if labels is not None or shift_labels is not None:
+            if shift_labels is None:
+                shift_labels = labels if inputs_are_sharded else shift_labels_globally(labels, cu_seqlens)
+            if cp is not None and not inputs_are_sharded:
+                shift_labels = cp.shard(shift_labels, dim=1)
+            loss = self._loss(self.lm_head(hidden_states), shift_labels.to(hidden_states.device), cp,
+                              num_items_in_batch)
+
+        if cp is not None and (gather_logits or (labels is None and shift_labels is None and logits_to_keep)):
+            # generation wants the last positions, which live on the last rank: gather hidden states
+            # (D per token, cheaper than V) and project everywhere
+            hidden_states = cp.unshard(hidden_states, dim=1)
+        if loss is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif loss is None and torch.is_tensor(logits_to_keep):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        if not return_dict:
+            output = (logits, outputs.past_key_values, outputs.hidden_states)
+            output = tuple(o for o in output if o is not None)
+            return (loss,) + output if loss is not None else output
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states)
+
+    def _loss(self, logits, shift_labels, cp, num_items_in_batch):
+        """Global token-mean cross-entropy (or global sum / num_items_in_batch), same on all CP ranks."""
+        loss_sum = F.cross_entropy(logits.flatten(0, -2).float(), shift_labels.flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction='sum')
+        count = (shift_labels != IGNORE_INDEX).sum().to(loss_sum)
+        stats = torch.stack([loss_sum, count])
+        if cp is not None and cp.world_size > 1:
+            stats = _AllReduceIdentityBackward.apply(stats, cp.group)
+        if num_items_in_batch is not None:
+            return stats[0] / torch.as_tensor(num_items_in_batch, device=stats.device)
+        return stats[0] / stats[1].detach().clamp_min(1)
+
+
+# --------------------------------------------------------------------------------------- gradients
+def sync_gradients(model: nn.Module) -> None:
+    """Make `.grad` the single-device gradient of the global batch on every rank.
+
+    Sums over the CP group (each rank holds its tokens' partial gradient) and averages over the DP group
+    when there is one. Call after `loss.backward()` on every rank; every rank must have gradients for the
+    same parameters. One flattened all-reduce per group.
+    """
+    model = getattr(model, "module", model)           # unwrap DDP-like wrappers
+    cp_group, dp_group = getattr(model, "cp_group", None), getattr(model, "dp_group", None)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        flat = comm.all_reduce_sum(flat, cp_group)
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        flat = comm.all_reduce_sum(flat, dp_group) / dist.get_world_size(dp_group)
+    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
