@@ -1,0 +1,203 @@
+"""Triton local backend: FLA 0.6's chunk kernels for the local GDN compute, our kernels for summaries.
+
+On CUDA
+    prepare   FLA's `chunk_local_cumsum` (log2 units) + `chunk_gated_delta_rule_fwd_intra` -> g, w, u, A
+    forward   FLA's `chunk_gated_delta_rule_fwd_h` (per-segment h0) + `chunk_fwd_o`
+    backward  FLA's `chunk_gated_delta_rule_bwd` pieces (fwd_h, bwd_dv_local, bwd_dhu with dht and h0,
+              bwd_dqkwg, prepare_wy_repr_bwd, reverse cumsum) without its cp_context branch
+    summarize / state_grad   `fla_cp.ops.triton.chunk_summary_fwd / _bwd` on the same g, w, u.
+
+Under `TRITON_INTERPRET=1` (CPU) FLA's kernels cannot run, so prepare/forward/backward delegate to the
+torch backend while summarize/state_grad still run our Triton kernels, fed by a small torch prep
+(`wy_prep_torch`) that produces g, w, u with exactly FLA's meaning. The whole operator with our
+kernels is then testable on CPU.
+
+See `fla_cp/ops/backends/base.py` for the contract.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fla_cp.ops.triton import chunk_summary_bwd, chunk_summary_fwd
+
+CHUNK = 64
+RCP_LN2 = 1.4426950216  # FLA's constant: its kernels keep the gate cumsum in log2 units
+
+
+@dataclass
+class TritonPrep:
+    """Token-layout pieces for our summary kernels (and FLA's chunk kernels on CUDA)."""
+    q: torch.Tensor                  # [1, T, H, K]
+    k: torch.Tensor                  # [1, T, H, K]
+    v: torch.Tensor                  # [1, T, HV, V]
+    beta: torch.Tensor               # [1, T, HV]
+    g: torch.Tensor                  # [1, T, HV] fp32 chunk-local cumsum, log2 units
+    w: torch.Tensor                  # [1, T, HV, K]
+    u: torch.Tensor                  # [1, T, HV, V]
+    cu_seqlens: torch.Tensor         # [S+1] int64 on the data's device
+    scale: float
+    chunk_size: int
+    A: torch.Tensor | None = None            # [1, T, HV, BT] (I + A)^{-1}, CUDA only
+    chunk_indices: torch.Tensor | None = None  # CUDA only
+    local: Any = None                # the torch backend's prep, CPU only
+
+
+def wy_prep_torch(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    chunk_size: int = CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FLA's prep in fp32 torch: chunk-local gate cumsum (log2 units), w and u of the WY form.
+
+    Per chunk of segment-aligned tokens (γ the natural-log cumsum inside the chunk):
+        A = strict_tril(β_i k_i·k_j e^{γ_i-γ_j}),  w = (I+A)^{-1} (β e^γ k),  u = (I+A)^{-1} (β v)
+    Args:
+        k: `[1, T, H, K]`; v: `[1, T, HV, V]`; g, beta: `[1, T, HV]`; cu_seqlens: `[S+1]`.
+    Returns:
+        g `[1, T, HV]` (γ / ln 2), w `[1, T, HV, K]`, u `[1, T, HV, V]`, all fp32.
+    """
+    T, H, K = k.shape[1:]
+    HV, V = v.shape[2:]
+    C = chunk_size
+    dev = k.device
+    # chunk id and slot of every token; chunks restart at every segment start
+    cu = cu_seqlens.tolist()
+    lens = torch.tensor([b - a for a, b in zip(cu, cu[1:])], dtype=torch.long)
+    seg_chunks = (lens + C - 1) // C
+    first_chunk = torch.cat([seg_chunks.new_zeros(1), seg_chunks.cumsum(0)[:-1]])
+    seg_of = torch.repeat_interleave(torch.arange(len(lens)), lens)
+    pos = torch.arange(T) - torch.tensor(cu[:-1], dtype=torch.long)[seg_of]
+    chunk_id = (first_chunk[seg_of] + pos // C).to(dev)
+    slot = (pos % C).to(dev)
+    NC = int(seg_chunks.sum())
+
+    def chunked(x):                  # [T, HV, D] -> [NC, HV, C, D], zero padding
+        out = x.new_zeros(NC, C, *x.shape[1:])
+        out[chunk_id, slot] = x
+        return out.transpose(1, 2)
+
+    kc = chunked(k[0].float().repeat_interleave(HV // H, dim=1))
+    vc = chunked(v[0].float())
+    gc = chunked(g[0].float().unsqueeze(-1)).squeeze(-1)     # [NC, HV, C]
+    bc = chunked(beta[0].float().unsqueeze(-1)).squeeze(-1)
+    gamma = gc.cumsum(-1)
+    causal = torch.ones(C, C, dtype=torch.bool, device=dev).tril(-1)
+    decay = torch.where(causal, gamma.unsqueeze(-1) - gamma.unsqueeze(-2), float('-inf')).exp()
+    a = bc.unsqueeze(-1) * (kc @ kc.transpose(-1, -2)) * decay
+    eye = torch.eye(C, dtype=torch.float32, device=dev)
+    rhs = torch.cat([(bc * gamma.exp()).unsqueeze(-1) * kc, bc.unsqueeze(-1) * vc], dim=-1)
+    wu = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
+
+    def tokens(x):                   # [NC, HV, C, D] -> [1, T, HV, D]
+        return x.transpose(1, 2)[chunk_id, slot].unsqueeze(0)
+
+    g_log2 = tokens(gamma.unsqueeze(-1)).squeeze(-1) * RCP_LN2
+    return g_log2.contiguous(), tokens(wu[..., :K]).contiguous(), tokens(wu[..., K:]).contiguous()
+
+
+class TritonBackend:
+    """FLA's chunk kernels + fla_cp's summary kernels; see `base.py` for the contract."""
+    name = 'triton'
+
+    def __init__(self, chunk_size: int = CHUNK):
+        self.chunk_size = chunk_size
+        self._torch = None
+
+    # -- CPU / interpreter delegate -------------------------------------------------------------
+    @property
+    def torch_backend(self):
+        if self._torch is None:
+            from fla_cp.ops.backends.torch_backend import TorchBackend
+            self._torch = TorchBackend(chunk_size=self.chunk_size)
+        return self._torch
+
+    @staticmethod
+    def _on_fla(x: torch.Tensor) -> bool:
+        return x.is_cuda
+
+    # -- contract -------------------------------------------------------------------------------
+    def prepare(self, q, k, v, g, beta, cu_seqlens, scale, for_backward=False) -> TritonPrep:
+        q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.long)
+        if self._on_fla(q):
+            return self._prepare_fla(q, k, v, g, beta, cu_seqlens, scale)
+        local = self.torch_backend.prepare(q, k, v, g, beta, cu_seqlens, scale, for_backward=for_backward)
+        gl, w, u = wy_prep_torch(k, v, g, beta, cu_seqlens, self.chunk_size)
+        # our kernels see fp32 here: the interpreter has no bf16 math and the delegate is fp32 inside
+        return TritonPrep(q=q.float(), k=k.float(), v=v, beta=beta, g=gl, w=w, u=u, cu_seqlens=cu_seqlens,
+                          scale=scale, chunk_size=self.chunk_size, local=local)
+
+    def summarize(self, prep: TritonPrep, segments: list[int], with_m: bool) -> torch.Tensor:
+        return chunk_summary_fwd(prep.k, prep.w, prep.u, prep.g, prep.cu_seqlens, segments, with_m,
+                                 chunk_size=prep.chunk_size)
+
+    def state_grad(self, prep: TritonPrep, do: torch.Tensor, segments: list[int], with_m: bool) -> torch.Tensor:
+        do = do.to(prep.q.dtype).contiguous()
+        return chunk_summary_bwd(prep.q, prep.k, prep.w, prep.g, do, prep.cu_seqlens, segments,
+                                 prep.scale, with_m, chunk_size=prep.chunk_size)
+
+    def forward(self, prep: TritonPrep, h0):
+        if prep.local is not None:
+            return self.torch_backend.forward(prep.local, h0)
+        return self._forward_fla(prep, h0)
+
+    def backward(self, prep: TritonPrep, h0, do, dht):
+        if prep.local is not None:
+            return self.torch_backend.backward(prep.local, h0, do, dht)
+        return self._backward_fla(prep, h0, do, dht)
+
+    # -- FLA's chunk kernels (CUDA) ------------------------------------------------------------
+    def _prepare_fla(self, q, k, v, g, beta, cu_seqlens, scale) -> TritonPrep:
+        from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
+        from fla.ops.utils import chunk_local_cumsum
+        from fla.ops.utils.index import prepare_chunk_indices
+        BT = self.chunk_size
+        chunk_indices = prepare_chunk_indices(cu_seqlens, BT)
+        gl = chunk_local_cumsum(g, chunk_size=BT, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+        w, u, A = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=gl, beta=beta, cu_seqlens=cu_seqlens,
+                                                   chunk_indices=chunk_indices, chunk_size=BT)
+        return TritonPrep(q=q, k=k, v=v, beta=beta, g=gl, w=w, u=u, cu_seqlens=cu_seqlens, scale=scale,
+                          chunk_size=BT, A=A, chunk_indices=chunk_indices)
+
+    def _forward_fla(self, prep: TritonPrep, h0):
+        from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
+        from fla.ops.common.chunk_o import chunk_fwd_o
+        h, v_new, ht = chunk_gated_delta_rule_fwd_h(
+            k=prep.k, w=prep.w, u=prep.u, g=prep.g, initial_state=h0, output_final_state=True,
+            cu_seqlens=prep.cu_seqlens, chunk_indices=prep.chunk_indices, chunk_size=prep.chunk_size)
+        o = chunk_fwd_o(q=prep.q, k=prep.k, v=v_new, h=h, g=prep.g, scale=prep.scale, cu_seqlens=prep.cu_seqlens,
+                        chunk_indices=prep.chunk_indices, chunk_size=prep.chunk_size)
+        return o.to(prep.q.dtype), ht
+
+    def _backward_fla(self, prep: TritonPrep, h0, do, dht):
+        """`chunk_gated_delta_rule_bwd` of FLA 0.6 minus its cp_context branch; w, u come from the
+        backward prep (the orchestration prepares again for backward), so no recompute_w_u."""
+        from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_dhu, chunk_gated_delta_rule_fwd_h
+        from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_bwd_dv_local
+        from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd
+        from fla.ops.utils import chunk_local_cumsum
+        q, k, v, g, beta, A = prep.q, prep.k, prep.v, prep.g, prep.beta, prep.A
+        cu, ci, BT, scale = prep.cu_seqlens, prep.chunk_indices, prep.chunk_size, prep.scale
+        do = do.to(q.dtype).contiguous()
+        h, v_new, _ = chunk_gated_delta_rule_fwd_h(
+            k=k, w=prep.w, u=prep.u, g=g, initial_state=h0, output_final_state=False,
+            cu_seqlens=cu, chunk_indices=ci, chunk_size=BT)
+        dv = chunk_bwd_dv_local(q=q, k=k, g=g, do=do, scale=scale, cu_seqlens=cu, chunk_indices=ci, chunk_size=BT)
+        dh, dh0, dv = chunk_gated_delta_rule_bwd_dhu(
+            q=q, k=k, w=prep.w, g=g, h0=h0, dht=dht, do=do, dv=dv, scale=scale,
+            cu_seqlens=cu, chunk_indices=ci, chunk_size=BT)
+        dq, dk, dw, dg = chunk_bwd_dqkwg(
+            q=q, k=k, v=v_new, w=prep.w, g=g, h=h, dv=dv, do=do, dh=dh, scale=scale,
+            cu_seqlens=cu, chunk_indices=ci, chunk_size=BT)
+        dk2, dv, db, dg2 = prepare_wy_repr_bwd(k=k, v=v, beta=beta, g=g, A=A, dw=dw, du=dv,
+                                                cu_seqlens=cu, chunk_indices=ci)
+        dk.add_(dk2)
+        dg.add_(dg2)
+        dg = chunk_local_cumsum(dg, chunk_size=BT, reverse=True, cu_seqlens=cu, chunk_indices=ci)
+        return dq, dk, dv, dg, db, dh0

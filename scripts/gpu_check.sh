@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# One command for a lent GPU: correctness of the triton backend on CUDA, then the per-rank benchmark.
+#
+#   scripts/gpu_check.sh                 # everything; the step limits add up to 9.5 minutes
+#   BENCH_ARGS="--T 32768 --P 4 --shapes main" scripts/gpu_check.sh
+#
+# 1. FLA: install the wheels carried in .whl/ (no network on the GPU machine) unless FLA 0.6.0 is
+#    already importable; fla_cp itself runs from this checkout (PYTHONPATH).
+# 2. Correctness on CUDA, fp32 (TRITON_F32_DEFAULT=ieee so FLA's fp32 dots are IEEE, not TF32, and the
+#    1e-5 bar is meaningful): our summary kernels compiled (tests/cp/test_triton_kernels.py) and the
+#    whole operator with backend="triton" -- gloo ranks P = 2, 3 sharing the one GPU, plus single
+#    process -- vs the torch backend and FLA's naive recurrence (tests/cp/test_op_triton_interpret.py).
+# 3. bf16 (default TF32 settings): the operator in bf16 vs fp32 on the same inputs, rel err <= 3e-3,
+#    P = 1 and 2; and our bf16 summaries vs fp32.
+# 4. scripts/bench_op.py: the per-rank cost table (BENCH_ARGS passed through).
+# Every step has a time limit; the summary at the end says what passed.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python}
+OUT=${OUT:-gpu_check_out}
+mkdir -p "$OUT"
+BENCH_ARGS=${BENCH_ARGS:-}
+
+declare -a NAMES STATUS TIMES
+run() {  # run NAME LIMIT_S CMD...
+  local name=$1 limit=$2; shift 2
+  echo; echo "=== $name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  NAMES+=("$name"); TIMES+=("$((SECONDS - t0))s")
+  if [ "$rc" -eq 0 ]; then STATUS+=("PASS"); elif [ "$rc" -eq 124 ]; then STATUS+=("TIMEOUT"); else STATUS+=("FAIL (exit $rc)"); fi
+}
+
+# --- 1. FLA -----------------------------------------------------------------------------------
+if ! $PY -c "import fla, sys; sys.exit(fla.__version__ != '0.6.0')" 2>/dev/null; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    echo "=== installing carried wheels: $(ls .whl/*.whl | xargs -n1 basename | tr '\n' ' ')"
+    $PY -m pip install --quiet --no-index --no-deps .whl/*.whl || echo "pip install of .whl/ failed"
+  else
+    echo "FLA 0.6.0 is not importable and no wheels are carried in .whl/"
+  fi
+fi
+$PY - <<'EOF' 2>&1 | tee "$OUT/env.log"
+import torch, triton
+try:
+    import fla
+    fla_version = fla.__version__
+except Exception as e:  # noqa: BLE001
+    fla_version = f"not importable ({e})"
+print(f"torch {torch.__version__} | cuda {torch.version.cuda} | triton {triton.__version__} | fla {fla_version}")
+print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA'}")
+EOF
+$PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "no CUDA device: nothing to check"; exit 1; }
+
+# --- 2. fp32 correctness on CUDA ----------------------------------------------------------------
+# untuned launches: many tiny shapes, where tuning every one would cost more than the tests
+export FLA_CP_AUTOTUNE=0
+run fp32_kernels 90 env TRITON_F32_DEFAULT=ieee $PY -m pytest -q -x tests/cp/test_triton_kernels.py \
+    -k "not bf16" -p no:cacheprovider
+run fp32_operator 150 env TRITON_F32_DEFAULT=ieee $PY -m pytest -q -x tests/cp/test_op_triton_interpret.py \
+    -k "not bf16" -p no:cacheprovider
+
+# --- 3. bf16 ------------------------------------------------------------------------------------
+run bf16 90 $PY -m pytest -q tests/cp/test_op_triton_interpret.py tests/cp/test_triton_kernels.py \
+    -k bf16 -p no:cacheprovider
+unset FLA_CP_AUTOTUNE
+
+# --- 4. benchmark -------------------------------------------------------------------------------
+# shellcheck disable=SC2086
+run bench_op 240 $PY scripts/bench_op.py --rep 25 $BENCH_ARGS
+
+echo
+echo "================================ summary ================================"
+failed=0
+for i in "${!NAMES[@]}"; do
+  printf "  %-16s %-16s %s\n" "${NAMES[$i]}" "${STATUS[$i]}" "${TIMES[$i]}"
+  [ "${STATUS[$i]}" = "PASS" ] || failed=1
+done
+echo "  total ${SECONDS}s; logs in $OUT/"
+echo "========================================================================="
+exit $failed

@@ -1,0 +1,145 @@
+"""The operator's multi-rank tests with `backend="triton"`: gloo ranks vs one process (torch backend)
+and vs FLA's naive recurrence, fp32, relative error <= 1e-5.
+
+On CPU the triton backend runs our summary kernels in Triton's interpreter (`_interpret`) around the
+torch backend's local chunk compute; on a GPU it runs FLA's chunk kernels and our compiled kernels,
+the gloo ranks sharing the one device.
+
+The cases, inputs, loss and references are the operator suite's own (`test_chunk_cp.py`): dense and
+packed streams, zigzag, GVA, K != V and odd head dims, documents of 1-3 tokens on rank boundaries,
+slow-decay heads, initial and final states, l2norm in the kernel. Checked: o, final state, and the
+gradients of q, k, v, g, beta, initial_state.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from _interpret import interpret_env, load_kernels
+
+load_kernels()  # interpreted on CPU, compiled on a GPU
+
+from fla_cp.ops import build_cp_context, chunk_cp_gated_delta_rule  # noqa: E402
+
+from _dist import run_ranks  # noqa: E402
+from test_chunk_cp import CASES, assert_close, loss_of, make_inputs, naive_case, rel_err  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_case(case: dict, seed: int, backend: str, ctx=None):
+    """Forward + backward of one case with `backend`; on CP ranks the gradients summed over ranks."""
+    q, k, v, g, beta, h0 = (None if x is None else x.to(DEVICE) for x in make_inputs(case, seed))
+    leaves = [x.requires_grad_() for x in (q, k, v, g, beta)] + ([h0.requires_grad_()] if h0 is not None else [])
+    local = [ctx.shard(x, dim=1) for x in (q, k, v, g, beta)] if ctx is not None else [q, k, v, g, beta]
+    cu = torch.tensor(case["cu"], device=DEVICE) if "cu" in case and ctx is None else None
+    o, ht = chunk_cp_gated_delta_rule(
+        *local, cp_context=ctx, initial_state=h0, output_final_state=case["final"],
+        use_qk_l2norm_in_kernel=case.get("l2norm", False), cu_seqlens=cu, backend=backend)
+    if ctx is not None:
+        o = ctx.unshard(o, dim=1)
+    loss = loss_of(o, ht)
+    # the loss is replicated on P ranks: each contributes 1/P so the summed gradients are the true ones
+    (loss / (ctx.world_size if ctx is not None else 1)).backward()
+    grads = [x.grad.clone() for x in leaves]
+    if ctx is not None:
+        for gr in grads:
+            dist.all_reduce(gr)
+    cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+    return cpu(o), cpu(ht), [cpu(gr) for gr in grads]
+
+
+def _triton_worker(rank, world_size, cases, seed):
+    if DEVICE == "cuda":
+        torch.cuda.set_device(0)
+    results = []
+    for case in cases:
+        layout = case.get("layout", "contiguous")
+        if "cu" in case:
+            ctx = build_cp_context(None, cu_seqlens=torch.tensor(case["cu"]), layout=layout)
+        else:
+            ctx = build_cp_context(None, seq_len=case["T"], layout=layout)
+        results.append(run_case(case, seed, "triton", ctx))
+    return results
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_op_triton_multirank(world_size):
+    seed = torch.randint(0, 2**31 - 1, ()).item()    # fresh inputs every run; printed on failure
+    with interpret_env():   # the spawned ranks import our kernels afresh
+        got = run_ranks(_triton_worker, world_size, (CASES, seed))[0]
+    for case, res in zip(CASES, got):
+        label = f"triton P={world_size} {case['name']} seed={seed}"
+        assert_close(res, run_case(case, seed, "torch"), label + " vs torch single process")
+        assert_close(res, naive_case(case, seed), label + " vs naive")
+
+
+def test_op_triton_single_process():
+    """P = 1 with the triton backend (no summaries cross ranks) vs the torch backend and naive."""
+    seed = torch.randint(0, 2**31 - 1, ()).item()
+    for case in CASES:
+        res = run_case(case, seed, "triton")
+        label = f"triton P=1 {case['name']} seed={seed}"
+        assert_close(res, run_case(case, seed, "torch"), label + " vs torch")
+        assert_close(res, naive_case(case, seed), label + " vs naive")
+
+
+# bf16 on a GPU: FLA's CP test tolerance (relative error <= 3e-3) vs the fp32 op on the same inputs
+BF16_CASE = dict(name="bf16_packed_gva", cu=[0, 700, 701, 1500, 2048], H=2, HV=4, K=64, V=128, h0=True, final=True)
+BF16_TOL = 3e-3
+
+
+def _run_bf16(case, seed, ctx=None):
+    q, k, v, g, beta, h0 = (None if x is None else x.to(DEVICE) for x in make_inputs(case, seed))
+    leaves = [x.bfloat16().requires_grad_() for x in (q, k, v)] + [g.requires_grad_(), beta.bfloat16().requires_grad_()]
+    leaves += [h0.requires_grad_()]
+    local = [ctx.shard(x, dim=1) for x in leaves[:5]] if ctx is not None else leaves[:5]
+    cu = torch.tensor(case["cu"], device=DEVICE) if ctx is None else None
+    o, ht = chunk_cp_gated_delta_rule(*local, cp_context=ctx, initial_state=h0, output_final_state=True,
+                                      cu_seqlens=cu, backend="triton")
+    if ctx is not None:
+        o = ctx.unshard(o, dim=1)
+    (loss_of(o.float(), ht) / (ctx.world_size if ctx is not None else 1)).backward()
+    grads = [x.grad.float() for x in leaves]
+    if ctx is not None:
+        for gr in grads:
+            dist.all_reduce(gr)
+    return o.detach().float().cpu(), ht.detach().cpu(), [gr.cpu() for gr in grads]
+
+
+def _fp32_reference_of_bf16_inputs(case, seed):
+    """The fp32 torch backend on the bf16-rounded inputs (one process)."""
+    q, k, v, g, beta, h0 = make_inputs(case, seed)
+    q, k, v, beta = (x.bfloat16().float() for x in (q, k, v, beta))
+    leaves = [x.requires_grad_() for x in (q, k, v, g, beta, h0)]
+    o, ht = chunk_cp_gated_delta_rule(*leaves[:5], initial_state=leaves[5], output_final_state=True,
+                                      cu_seqlens=torch.tensor(case["cu"]), backend="torch")
+    loss_of(o, ht).backward()
+    return o.detach(), ht.detach(), [x.grad for x in leaves]
+
+
+def _bf16_worker(rank, world_size, case, seed):
+    torch.cuda.set_device(0)
+    ctx = build_cp_context(None, cu_seqlens=torch.tensor(case["cu"]))
+    return _run_bf16(case, seed, ctx)
+
+
+def _assert_bf16_close(got, ref, label):
+    names = ["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    for name, a, b in zip(names, [got[0], got[1], *got[2]], [ref[0], ref[1], *ref[2]]):
+        err = rel_err(a, b)
+        assert err <= BF16_TOL, f"{label}: {name} relative error {err:.2e} > {BF16_TOL}"
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 through FLA's kernels needs a GPU")
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_op_triton_bf16_cuda(world_size):
+    seed = torch.randint(0, 2**31 - 1, ()).item()
+    if world_size == 1:
+        got = _run_bf16(BF16_CASE, seed)
+    else:
+        got = run_ranks(_bf16_worker, world_size, (BF16_CASE, seed))[0]
+    _assert_bf16_close(got, _fp32_reference_of_bf16_inputs(BF16_CASE, seed), f"bf16 P={world_size} seed={seed}")
