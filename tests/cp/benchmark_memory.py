@@ -1,0 +1,313 @@
+"""Per-rank memory of one training step (forward + backward) of Gated DeltaNet with context parallelism.
+
+    python tests/cp/benchmark_memory.py --cp_size 1                       # saves the baseline
+    torchrun --nproc_per_node=4 tests/cp/benchmark_memory.py --cp_size 4  # compares against it
+    python tests/cp/benchmark_memory.py --plot memory.png                  # plot every saved run
+
+Every measurement runs in a fresh process per rank (spawned by each launcher rank), so that
+  * on GPU, Peak is torch.cuda.max_memory_allocated of that step;
+  * on CPU, Peak is the process's peak resident set (ru_maxrss), which cannot be reset in-process.
+Activations is exact and device-independent: the bytes of tensors autograd saved for backward
+(torch.autograd.graph.saved_tensors_hooks, each storage once, parameters excluded). Model is the
+parameter bytes. Reduction compares with the saved cp_size=1 results of the same model and device.
+An out-of-memory step is reported in Status, not a crash. Results: <results_dir>/memory_<dev>_cp<P>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # run from a checkout without installing
+
+import torch
+import torch.distributed as dist
+
+from fla_cp.utils.dist import (
+    broadcast_object,
+    cleanup_distributed,
+    free_port,
+    init_distributed,
+)
+from fla_cp.utils.memory import fmt_bytes
+
+DEFAULT_SEQ_LENS = "1024,2048,4096,8192,16384"
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cp_size", type=int, default=None, help="default: the world size; omit with --plot to only plot")
+    p.add_argument("--cp_layout", default="contiguous", choices=["contiguous", "zigzag"])
+    p.add_argument("--seq_lens", default=DEFAULT_SEQ_LENS, help="comma-separated global sequence lengths")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--model_config", default="small", help="tiny|small|base or a JSON file / config dir")
+    p.add_argument("--vocab_size", type=int, default=257, help="257 = the byte tokenizer of train_cp_real.py")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
+    p.add_argument("--results_dir", default="runs/benchmark_memory")
+    p.add_argument("--plot", default=None, help="write a PNG of memory vs sequence length for every saved cp_size")
+    p.add_argument("--mem_limit_gb", type=float, default=None,
+                   help="CPU only: cap each measuring process's address space (to exercise the OOM status)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_seq_len", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--_out", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# one measurement (a fresh process per rank)
+# ----------------------------------------------------------------------------------------------
+def is_oom(e: BaseException) -> bool:
+    msg = str(e).lower()
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in msg or "can't allocate memory" in msg
+
+
+def measure(args) -> dict:
+    import resource
+
+    if args.mem_limit_gb and not torch.cuda.is_available():
+        limit = int(args.mem_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+    import fla_cp  # noqa: F401
+    from fla_cp.models import (
+        GatedDeltaNetCPConfig,
+        GatedDeltaNetCPForCausalLM,
+        init_cp_mesh,
+        sync_gradients,
+    )
+    from fla_cp.utils.configs import model_config_kwargs
+    from fla_cp.utils.memory import (
+        SavedActivations,
+        current_rss_bytes,
+        peak_memory_bytes,
+        reset_peak_memory,
+    )
+
+    info = init_distributed(timeout_s=min(args.timeout, 600))
+    result = {"rank": info.rank, "status": "OK"}
+    try:
+        mesh = init_cp_mesh(args.cp_size, device_type=info.device.type)
+        torch.manual_seed(0)
+        config = GatedDeltaNetCPConfig(**model_config_kwargs(args.model_config, args.vocab_size),
+                                       cp_size=args.cp_size, cp_layout=args.cp_layout)
+        model = GatedDeltaNetCPForCausalLM(config, device_mesh=mesh).to(info.device)
+        params = list(model.parameters())
+        amp = {"device_type": info.device.type, "dtype": torch.bfloat16, "enabled": args.dtype == "bf16"}
+
+        def step(seq_len: int, saved=None):
+            g = torch.Generator().manual_seed(seq_len)
+            ids = torch.randint(0, args.vocab_size, (args.batch_size, seq_len), generator=g).to(info.device)
+            with torch.autocast(**amp), (saved if saved is not None else nullcontext()):
+                out = model(input_ids=ids, labels=ids)
+            out.loss.backward()
+            sync_gradients(model)
+            model.zero_grad(set_to_none=True)
+
+        step(min(args._seq_len, 64 * args.cp_size))      # one-time allocations out of the way
+        if info.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        reset_peak_memory(info.device)
+        baseline = torch.cuda.memory_allocated(info.device) if info.device.type == "cuda" else current_rss_bytes()
+        saved = SavedActivations(exclude=params)
+        t0 = time.perf_counter()
+        step(args._seq_len, saved)
+        if info.device.type == "cuda":
+            torch.cuda.synchronize()
+        result.update(
+            params=sum(p.numel() for p in params),
+            model_bytes=sum(p.numel() * p.element_size() for p in params),
+            peak_bytes=peak_memory_bytes(info.device),
+            step_peak_bytes=peak_memory_bytes(info.device) - baseline,
+            saved_bytes=saved.bytes,
+            step_time_s=time.perf_counter() - t0,
+        )
+    except BaseException as e:  # noqa: BLE001 - a failed measurement is a row of the table
+        result["status"] = "OOM" if is_oom(e) else f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    finally:
+        cleanup_distributed(info)
+    return result
+
+
+def child_main(args) -> int:
+    result = measure(args)
+    Path(args._out).write_text(json.dumps(result))
+    return 0
+
+
+def run_child(args, seq_len: int, port: int) -> dict:
+    """Spawn this rank's measuring process for one sequence length; its result, or why there is none."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, "--_child", "--_seq_len", str(seq_len), "--_out", str(out)]
+        for key in ("cp_size", "cp_layout", "batch_size", "model_config", "vocab_size", "dtype", "mem_limit_gb",
+                    "timeout", "threads"):
+            if getattr(args, key) is not None:
+                cmd += [f"--{key}", str(getattr(args, key))]
+        # a child is a fresh group of its own: not torchrun's agent store (it would wait for it forever)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
+        env.update(MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(port),
+                   RANK=str(dist.get_rank()), WORLD_SIZE=str(dist.get_world_size()),
+                   LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
+                   LOCAL_WORLD_SIZE=os.environ.get("LOCAL_WORLD_SIZE", str(dist.get_world_size())))
+        try:
+            proc = subprocess.run(cmd, env=env, timeout=args.timeout, capture_output=True, text=True, check=False)
+        except subprocess.TimeoutExpired:
+            return {"status": f"TIMEOUT (> {args.timeout:.0f}s)"}
+        if out.is_file():
+            return json.loads(out.read_text())
+        if proc.returncode in (-9, 137):
+            return {"status": "OOM (killed)"}
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1][:120]
+        return {"status": f"FAILED (exit {proc.returncode}): {last}"}
+
+
+# ----------------------------------------------------------------------------------------------
+# the table, the JSON, the plot
+# ----------------------------------------------------------------------------------------------
+def combine(seq_len: int, cp_size: int, per_rank: list[dict]) -> dict:
+    bad = [r["status"] for r in per_rank if r["status"] != "OK"]
+    row = {"seq_len": seq_len, "local_len": -(-seq_len // cp_size),
+           "status": next((s for s in bad if s.startswith("OOM")), bad[0] if bad else "OK")}
+    if not bad:
+        row["params"] = per_rank[0]["params"]
+        for key in ("model_bytes", "peak_bytes", "step_peak_bytes", "saved_bytes", "step_time_s"):
+            row[key + "_per_rank"] = [r[key] for r in per_rank]
+            row[key] = max(r[key] for r in per_rank)
+    return row
+
+
+def results_path(results_dir, device_type: str, cp_size: int) -> Path:
+    return Path(results_dir) / f"memory_{device_type}_cp{cp_size}.json"
+
+
+def print_table(run: dict, baseline: dict | None) -> None:
+    base = {r["seq_len"]: r for r in (baseline or {}).get("results", []) if r["status"] == "OK"}
+    cpu = run["device_type"] == "cpu"
+    head = ["Seq Len", "Local Chunk", "Model", "Peak/rank" + (" (RSS)" if cpu else ""),
+            "Activations/rank", "Status", "Reduction"]
+    rows = []
+    for r in run["results"]:
+        red = "-"
+        b = base.get(r["seq_len"])
+        if r["status"] == "OK" and b is not None and run["cp_size"] != 1:
+            act = b["saved_bytes"] / max(r["saved_bytes"], 1)
+            # CPU: RSS includes the interpreter and libraries, so compare what the step itself added
+            key = "step_peak_bytes" if cpu else "peak_bytes"
+            red = f"{act:.2f}x act, {b[key] / max(r[key], 1):.2f}x peak"
+        ok = r["status"] == "OK"
+        rows.append([f"{r['seq_len']:,}", f"{r['local_len']:,}", fmt_bytes(r.get("model_bytes")),
+                     fmt_bytes(r.get("peak_bytes")) if ok else "-", fmt_bytes(r.get("saved_bytes")) if ok else "-",
+                     r["status"], red])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    line = "+".join("-" * (w + 2) for w in widths)
+    print(f"\nMemory per rank, one training step (fwd+bwd) | cp_size={run['cp_size']} layout={run['cp_layout']} "
+          f"model={run['model_config']} ({(run['params'] or 0) / 1e6:.2f}M params) dtype={run['dtype']} "
+          f"batch={run['batch_size']} | {run['device_name']}")
+    print(" " + " | ".join(h.ljust(w) for h, w in zip(head, widths)))
+    print(line)
+    for row in rows:
+        print(" " + " | ".join(c.ljust(w) for c, w in zip(row, widths)))
+    if cpu:
+        print("Peak = peak RSS of a fresh process (includes ~interpreter+libraries); Reduction 'peak' uses the RSS "
+              "growth during the step; 'act' = bytes saved for backward (exact).")
+    if baseline is None and run["cp_size"] != 1:
+        print("(no saved cp_size=1 results for this device in the results dir: run with --cp_size 1 first)")
+
+
+def plot(results_dir, device_type: str, out: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = sorted((json.loads(p.read_text()) for p in Path(results_dir).glob(f"memory_{device_type}_cp*.json")),
+                  key=lambda r: r["cp_size"])
+    if not runs:
+        raise SystemExit(f"nothing to plot: no {results_dir}/memory_{device_type}_cp*.json")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for run in runs:
+        ok = [r for r in run["results"] if r["status"] == "OK"]
+        xs = [r["seq_len"] for r in ok]
+        axes[0].plot(xs, [r["saved_bytes"] / 2**20 for r in ok], marker="o", label=f"cp_size={run['cp_size']}")
+        key = "step_peak_bytes" if device_type == "cpu" else "peak_bytes"
+        axes[1].plot(xs, [r[key] / 2**20 for r in ok], marker="o", label=f"cp_size={run['cp_size']}")
+    axes[0].set_title("activations saved for backward, per rank")
+    axes[1].set_title("peak RSS growth in the step, per rank" if device_type == "cpu" else "peak allocated, per rank")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("global sequence length (tokens)")
+        ax.set_ylabel("MiB")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Gated DeltaNet CP memory, model={runs[0]['model_config']}, {runs[0]['device_name']}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+def main(argv=None) -> int:
+    args = get_args(argv)
+    if args._child:
+        return child_main(args)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.cp_size is None and "WORLD_SIZE" not in os.environ and args.plot:
+        plot(args.results_dir, device_type, args.plot)        # plot only
+        return 0
+    info = init_distributed(use_device=False)                  # the launcher never touches the GPU
+    args.cp_size = args.cp_size or info.world_size
+    if info.world_size % args.cp_size:
+        if info.is_main:
+            print(f"error: --cp_size {args.cp_size} does not divide the world size {info.world_size}", file=sys.stderr)
+        cleanup_distributed(info)
+        return 2
+    seq_lens = [int(s) for s in args.seq_lens.split(",")]
+    rows = []
+    for seq_len in seq_lens:
+        port = broadcast_object(free_port() if info.is_main else None)
+        mine = run_child(args, seq_len, port)
+        per_rank = [None] * info.world_size
+        dist.all_gather_object(per_rank, mine)
+        rows.append(combine(seq_len, args.cp_size, per_rank))
+        if info.is_main:
+            print(f"seq_len {seq_len:>7,}: {rows[-1]['status']}"
+                  + (f", peak/rank {fmt_bytes(rows[-1]['peak_bytes'])}, activations/rank "
+                     f"{fmt_bytes(rows[-1]['saved_bytes'])}, {rows[-1]['step_time_s']:.1f}s" if rows[-1]["status"] == "OK" else ""),
+                  flush=True)
+    if info.is_main:
+        n_params = next((r["params"] for r in rows if r["status"] == "OK"), None)
+        run = {"cp_size": args.cp_size, "cp_layout": args.cp_layout, "world_size": info.world_size,
+               "model_config": args.model_config, "params": n_params, "dtype": args.dtype,
+               "batch_size": args.batch_size, "device_type": device_type,
+               "device_name": torch.cuda.get_device_name(0) if device_type == "cuda" else f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}",
+               "date": datetime.datetime.now().isoformat(timespec="seconds"), "results": rows}
+        path = results_path(args.results_dir, device_type, args.cp_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(run, indent=1))
+        base_path = results_path(args.results_dir, device_type, 1)
+        baseline = json.loads(base_path.read_text()) if base_path.is_file() and args.cp_size != 1 else None
+        if baseline is not None and (baseline["model_config"], baseline["dtype"], baseline["batch_size"]) != \
+                (args.model_config, args.dtype, args.batch_size):
+            print("(saved cp_size=1 results are for another model/dtype/batch: no reduction column)")
+            baseline = None
+        print_table(run, baseline)
+        print(f"saved {path}")
+        if args.plot:
+            plot(args.results_dir, device_type, args.plot)
+    cleanup_distributed(info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

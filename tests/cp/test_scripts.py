@@ -1,0 +1,248 @@
+"""Tests of the user scripts and their helpers: corpus / tokenizer / packing (documents never leak),
+the loss log, checkpoint + resume (an interrupted-and-resumed run has the loss curve of an
+uninterrupted one), and small end-to-end runs of train_cp_real.py and benchmark_memory.py."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fla_cp.data import ByteTokenizer, Corpus, Packer, load_tokenizer
+from fla_cp.utils.metrics_log import MetricsLog, read_log
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------
+def letter_corpus(tmp_path: Path, lengths: list[int]) -> Path:
+    """Document i is one letter repeated lengths[i] times: any mixing shows in a piece."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for i, n in enumerate(lengths):
+        (d / f"doc{i:02d}.txt").write_text(chr(ord("a") + i) * n)
+    return d
+
+
+def check_batch(batch, eos: int):
+    ids, labels, cu = batch.input_ids[0], batch.labels[0], batch.cu_seqlens
+    assert cu[0] == 0 and cu[-1] == ids.numel() and bool((cu[1:] > cu[:-1]).all())
+    pieces = []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        piece = ids[s:e]
+        body = piece[piece != eos]
+        assert body.unique().numel() <= 1, f"piece [{s}, {e}) mixes documents: {piece.tolist()}"
+        # EOS only ever ends a piece: a document ends where a piece ends
+        assert bool((piece[:-1] != eos).all()), f"a document ends inside piece [{s}, {e})"
+        assert labels[s] == -100
+        assert torch.equal(labels[s + 1:e], ids[s + 1:e])
+        pieces.append(piece)
+    return pieces
+
+
+def test_packing_never_mixes_documents_and_reproduces_the_corpus(tmp_path):
+    lengths = [5, 40, 1, 130, 7, 64, 63, 2, 200, 9]
+    corpus = Corpus(letter_corpus(tmp_path, lengths))
+    tok = ByteTokenizer()
+    packer = Packer(corpus, tok, seq_len=32, seed=3)
+    stream = []
+    for _ in range(30):                      # > one epoch: 531 tokens, 30 * 3 * 32 = 2880
+        batch = packer.next_batch(3)
+        assert batch.input_ids.shape == (1, 96)
+        assert set(batch.cu_seqlens.tolist()) >= {0, 32, 64, 96}, "a piece crosses a sequence boundary"
+        stream += [t for p in check_batch(batch, tok.eos_token_id) for t in p.tolist()]
+    # the stream is the documents in each epoch's order, each followed by EOS
+    expected = []
+    for epoch in range(6):
+        order = __import__("numpy").random.default_rng(3 + epoch).permutation(len(lengths))
+        for i in order:
+            expected += [ord("a") + int(i)] * lengths[i] + [tok.eos_token_id]
+    assert stream == expected[:len(stream)]
+    assert packer.epoch >= 5
+
+
+def test_packing_position_resumes_exactly(tmp_path):
+    corpus = Corpus(letter_corpus(tmp_path, [17, 300, 3, 45]))
+    a = Packer(corpus, ByteTokenizer(), seq_len=24, seed=0)
+    for _ in range(7):
+        a.next_batch(2)
+    state = json.loads(json.dumps(a.state_dict()))     # survives serialisation
+    b = Packer(corpus, ByteTokenizer(), seq_len=24, seed=0)
+    b.load_state_dict(state)
+    for _ in range(20):
+        x, y = a.next_batch(2), b.next_batch(2)
+        assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.cu_seqlens, y.cu_seqlens)
+    with pytest.raises(ValueError):
+        Packer(corpus, ByteTokenizer(), seq_len=24, seed=1).load_state_dict(state)
+
+
+def test_dp_split_keeps_boundaries(tmp_path):
+    corpus = Corpus(letter_corpus(tmp_path, [10, 50, 3, 80]))
+    batch = Packer(corpus, ByteTokenizer(), seq_len=16, seed=0).next_batch(4)
+    parts = [batch.split(2, i) for i in range(2)]
+    assert torch.equal(torch.cat([p.input_ids for p in parts], 1), batch.input_ids)
+    for p in parts:
+        assert p.input_ids.shape == (1, 32)
+        check_batch(p, 256)
+    joined = torch.cat([parts[0].cu_seqlens, parts[1].cu_seqlens[1:] + 32])
+    assert torch.equal(joined, batch.cu_seqlens)
+
+
+def test_jsonl_txt_and_default_corpus(tmp_path):
+    f = tmp_path / "docs.jsonl"
+    f.write_text('{"text": "first doc"}\n\n{"id": 3, "body": "second"}\n"third"\n')
+    corpus = Corpus(f)
+    assert [corpus[i] for i in range(len(corpus))] == ["first doc", "second", "third"]
+    (tmp_path / "more.txt").write_text("héllo")
+    assert sorted(Corpus(tmp_path)[i] for i in range(4)) == sorted(["first doc", "second", "third", "héllo"])
+    tok = ByteTokenizer()
+    assert tok.decode(tok.encode("héllo") + [tok.eos_token_id]) == "héllo"
+    std = Corpus(None)
+    assert len(std) > 100 and all(path.suffix == ".py" and "site-packages" not in path.parts for path, _ in std.entries)
+    assert "def " in "".join(std[i] for i in range(20))
+    with pytest.raises(FileNotFoundError):
+        Corpus(tmp_path / "nope")
+
+
+def test_local_hf_tokenizer(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "</s>": 1, "hello": 2, "world": 3}, unk_token="[UNK]"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    assert tok.eos_token_id == 1 and tok.vocab_size == 4
+    assert tok.encode("hello world zzz") == [2, 3, 0]
+    corpus_file = tmp_path / "c.txt"
+    corpus_file.write_text("hello world hello")
+    batch = Packer(Corpus(corpus_file), tok, seq_len=8, seed=0).next_batch(1)
+    assert batch.input_ids[0].tolist() == [2, 3, 2, 1, 2, 3, 2, 1]
+    assert batch.cu_seqlens.tolist() == [0, 4, 8]
+
+
+# ----------------------------------------------------------------------------------------------
+# loss log
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_metrics_log_roundtrip_and_resume_truncation(tmp_path, suffix):
+    path = tmp_path / f"loss{suffix}"
+    log = MetricsLog(path)
+    rows = [{"step": i, "loss": 1.0 / 3 + i, "lr": 1e-3} for i in range(1, 6)]
+    for r in rows:
+        log.write(r)
+    assert read_log(path) == rows                 # floats round-trip exactly
+    MetricsLog(path, resume_step=3)                # a resume at step 3 forgets steps 4, 5
+    assert read_log(path) == rows[:3]
+    MetricsLog(path)                               # a fresh run starts a fresh file
+    assert read_log(path) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# train_cp_real.py: resume == uninterrupted, CLI smoke run, Ctrl-C
+# ----------------------------------------------------------------------------------------------
+TRAIN_ARGS = ["--model_config", "tiny", "--seq_len", "96", "--batch_size", "2", "--steps", "6", "--warmup", "2",
+              "--lr", "3e-3", "--threads", "1"]
+
+
+def _train_rank(rank, world_size, runs):
+    """Several train_cp_real.main() runs, one after the other, in one spawned group (imports once)."""
+    import train_cp_real
+    return [train_cp_real.main(argv) for argv in runs]
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_log(run_dir / "loss.jsonl")]
+
+
+def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
+    """CP=2: 6 steps straight == 3 steps, stop, resume to 6 (losses and final weights bit-identical)."""
+    from _dist import run_ranks
+    args = TRAIN_ARGS + ["--cp_size", "2"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    runs = [args + ["--save_dir", str(full)],
+            args + ["--save_dir", str(cut), "--stop_at", "3"],
+            args + ["--save_dir", str(cut), "--resume"],
+            TRAIN_ARGS + ["--cp_size", "3"]]                     # does not divide the world: exit 2
+    assert run_ranks(_train_rank, 2, args=(runs,), timeout=300) == [[0, 0, 0, 2]] * 2
+    assert (cut / "step_0000003" / "trainer_state.pt").is_file()
+    assert (cut / "latest").read_text().strip() == "step_0000006"
+    uninterrupted, resumed = _losses(full), _losses(cut)
+    assert [s for s, _ in uninterrupted] == list(range(1, 7))
+    assert resumed == uninterrupted, f"resumed {resumed}\nuninterrupted {uninterrupted}"
+    assert uninterrupted[-1][1] < uninterrupted[0][1]
+    from safetensors.torch import load_file
+    a, b = load_file(full / "step_0000006" / "model.safetensors"), load_file(cut / "step_0000006" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def torchrun(script: str, nproc: int, *args, timeout=300, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(SCRIPTS / script), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False, **kw)
+
+
+def test_train_cli_torchrun_ctrl_c(tmp_path):
+    """The CLI under torchrun (CP=2, gloo): trains with a progress bar and a loss log; SIGINT to the
+    whole process group (what a terminal's Ctrl-C does) saves a checkpoint and exits cleanly."""
+    import signal
+    import time
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(SCRIPTS / "train_cp_real.py"), "--cp_size", "2", "--model_config", "tiny", "--seq_len", "64",
+           "--steps", "100000", "--save_dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while len(read_log(tmp_path / "loss.jsonl")) < 3:
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "interrupted at step" in out, err[-3000:]
+    assert "world 2 = dp 1 x cp 2 | backend gloo" in out
+    assert "loss=" in err and "tok_s=" in err and "peak_mem=" in err          # tqdm on rank 0
+    assert all(0 < r["loss"] < 10 for r in read_log(tmp_path / "loss.jsonl"))
+    saved = (tmp_path / "latest").read_text().strip()
+    step = int(saved.split("_")[1])
+    assert step == read_log(tmp_path / "loss.jsonl")[-1]["step"]
+    assert (tmp_path / saved / "model.safetensors").is_file() and (tmp_path / saved / "rng_rank1.pt").is_file()
+    # torchrun itself reports the signal (SignalException); the training ranks must not crash
+    assert "KeyboardInterrupt" not in err and 'train_cp_real.py", line' not in err, err[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmark_memory.py
+# ----------------------------------------------------------------------------------------------
+def test_benchmark_memory_cp1_then_cp2(tmp_path):
+    """cp_size=1 baseline (one length out of memory under an address-space cap), then CP=2 under
+    torchrun: the table, the JSON, the reduction against the saved baseline, the plot."""
+    res = tmp_path / "results"
+    one = subprocess.run([sys.executable, str(SCRIPTS / "benchmark_memory.py"), "--cp_size", "1", "--seq_lens",
+                          "256,262144", "--model_config", "tiny", "--mem_limit_gb", "3", "--results_dir", str(res)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert one.returncode == 0, one.stderr[-3000:]
+    rows = json.loads((res / "memory_cpu_cp1.json").read_text())["results"]
+    assert [r["status"] for r in rows] == ["OK", "OOM"], rows
+    assert rows[0]["saved_bytes"] > 0 and rows[0]["peak_bytes"] > rows[0]["step_peak_bytes"] > 0
+    assert "Seq Len | Local Chunk | Model" in one.stdout and "| OOM " in one.stdout
+
+    two = torchrun("benchmark_memory.py", 2, "--cp_size", "2", "--seq_lens", "256", "--model_config", "tiny",
+                   "--results_dir", str(res), "--plot", str(tmp_path / "mem.png"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    run = json.loads((res / "memory_cpu_cp2.json").read_text())
+    (row,) = run["results"]
+    assert row["status"] == "OK" and row["local_len"] == 128 and len(row["saved_bytes_per_rank"]) == 2
+    reduction = rows[0]["saved_bytes"] / row["saved_bytes"]
+    assert 1.8 < reduction < 2.2, reduction            # activations scale with the local chunk
+    assert f"{reduction:.2f}x act" in two.stdout
+    assert (tmp_path / "mem.png").stat().st_size > 10_000

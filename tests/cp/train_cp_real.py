@@ -1,0 +1,236 @@
+"""Train Gated DeltaNet with exact context parallelism on real text (no downloads).
+
+    torchrun --nproc_per_node=2 tests/cp/train_cp_real.py --cp_size 2          # CP=2 on CPU (gloo)
+    torchrun --nproc_per_node=4 tests/cp/train_cp_real.py --cp_size 2          # DP=2 x CP=2
+    python tests/cp/train_cp_real.py --cp_size 1                                # one process
+
+World = DP x CP; every rank of a CP group feeds the same packed batch and the model shards it along
+the sequence. The default corpus is this interpreter's standard-library sources, the default
+tokenizer is byte-level. Gloo on CPU, NCCL when every rank has a GPU of its own: nothing to choose.
+`--save_dir` checkpoints can be resumed with `--resume` (same loss curve as an uninterrupted run);
+Ctrl-C saves a checkpoint at the end of the current step and exits.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # run from a checkout without installing
+
+import fla_cp  # noqa: F401  (registers gated_deltanet_cp with the Auto classes)
+from fla_cp.data import Corpus, Packer, load_tokenizer
+from fla_cp.models import (
+    GatedDeltaNetCPConfig,
+    GatedDeltaNetCPForCausalLM,
+    init_cp_mesh,
+    sync_gradients,
+)
+from fla_cp.utils.checkpoint import (
+    load_trainer_state,
+    resolve_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from fla_cp.utils.configs import PRESETS, model_config_kwargs
+from fla_cp.utils.dist import cleanup_distributed, init_distributed
+from fla_cp.utils.memory import fmt_bytes, peak_memory_bytes
+from fla_cp.utils.metrics_log import MetricsLog
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cp_size", type=int, default=1, help="ranks per CP group; must divide the world size")
+    p.add_argument("--cp_layout", default="contiguous", choices=["contiguous", "zigzag"])
+    p.add_argument("--seq_len", type=int, default=1024, help="tokens per packed sequence")
+    p.add_argument("--batch_size", type=int, default=4, help="sequences per step per DP rank (packed in one row)")
+    p.add_argument("--steps", type=int, default=200, help="length of the run (and of the LR schedule)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--min_lr_ratio", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--grad_clip", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--model_config", default="small", help=f"{'|'.join(PRESETS)} or a JSON file / config dir")
+    p.add_argument("--data", default=None, help="a local .txt/.jsonl file or directory (default: Python stdlib sources)")
+    p.add_argument("--tokenizer", default="byte", help="'byte' or a local Hugging Face tokenizer directory")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save_dir", default=None, help="checkpoints go to save_dir/step_XXXXXXX")
+    p.add_argument("--save_every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from save_dir's latest checkpoint, or from the given checkpoint dir")
+    p.add_argument("--stop_at", type=int, default=None, help="save and exit after this step, as if interrupted")
+    p.add_argument("--log_file", default=None, help=".csv or .jsonl loss log (default: save_dir/loss.jsonl)")
+    p.add_argument("--backend", default=None, help="force a torch.distributed backend (default: automatic)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per rank (default: cores / local ranks)")
+    return p.parse_args(argv)
+
+
+def lr_at(step: int, args) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * lr over the run (`step` counts from 0)."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask for a clean stop; the ranks agree on it at the end of each step.
+
+    A second Ctrl-C falls through to Python's default (KeyboardInterrupt) for a hard stop.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    def agreed(self, device) -> bool:
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def build(args, info, mesh, vocab_size, ckpt):
+    if ckpt is not None:
+        model = GatedDeltaNetCPForCausalLM.from_pretrained(ckpt, cp_size=args.cp_size, device_mesh=mesh)
+    else:
+        config = GatedDeltaNetCPConfig(**model_config_kwargs(args.model_config, vocab_size),
+                                       cp_size=args.cp_size, cp_layout=args.cp_layout)
+        model = GatedDeltaNetCPForCausalLM(config, device_mesh=mesh)
+    model = model.to(device=info.device, dtype=torch.float32)
+    for p in model.parameters():        # identical start on every rank, whatever the init RNG did
+        dist.broadcast(p.data, src=0)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    else:
+        opt = torch.optim.SGD(groups, lr=args.lr)
+    return model, opt
+
+
+def main(argv=None) -> int:
+    args = get_args(argv)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_ranks))
+    info = init_distributed(args.backend)
+    if info.world_size % args.cp_size:
+        if info.is_main:
+            print(f"error: --cp_size {args.cp_size} does not divide the world size {info.world_size}", file=sys.stderr)
+        cleanup_distributed(info)
+        return 2
+    dp_size, dp_rank = info.world_size // args.cp_size, info.rank // args.cp_size
+    mesh = init_cp_mesh(args.cp_size, device_type=info.device.type)
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    packer = Packer(Corpus(args.data), tokenizer, args.seq_len, seed=args.seed)
+    ckpt = resolve_checkpoint(args.resume, args.save_dir) if args.resume else None
+    if args.resume and ckpt is None and info.is_main:
+        print(f"--resume: no checkpoint in {args.save_dir} yet, starting from scratch", flush=True)
+    torch.manual_seed(args.seed)
+    model, opt = build(args, info, mesh, tokenizer.vocab_size, ckpt)
+    step = 0
+    if ckpt is not None:
+        state, rng = load_trainer_state(ckpt)
+        opt.load_state_dict(state["optimizer"])
+        packer.load_state_dict(state["data"])
+        step = state["step"]
+        if rng is not None:
+            set_rng_state(rng)
+    log_path = args.log_file or (Path(args.save_dir) / "loss.jsonl" if args.save_dir else Path("runs/train_cp_real/loss.jsonl"))
+    log = MetricsLog(log_path, resume_step=step if ckpt is not None else None, enabled=info.is_main)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens_per_step = args.seq_len * args.batch_size * dp_size
+    if info.is_main:
+        print(f"world {info.world_size} = dp {dp_size} x cp {args.cp_size} | backend {info.backend} | device {info.device}"
+              f" | {n_params / 1e6:.2f}M params | corpus {packer.corpus.name} ({len(packer.corpus)} docs)"
+              f" | tokenizer {tokenizer.name} | {tokens_per_step} tokens/step"
+              f" ({args.seq_len * args.batch_size // args.cp_size} per rank) | log {log_path}" + (f" | resumed from {ckpt} at step {step}" if ckpt else ""), flush=True)
+
+    def checkpoint(reason: str):
+        if args.save_dir:
+            path = save_checkpoint(args.save_dir, step, model, opt, packer.state_dict(), extra={"args": vars(args)})
+            if info.is_main:
+                print(f"{reason}: saved {path}", flush=True)
+
+    stop = StopFlag()
+    amp = torch.autocast(info.device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    bar = tqdm(total=args.steps, initial=step, disable=not info.is_main, dynamic_ncols=True)
+    tokens_seen = step * tokens_per_step
+    t_start = time.perf_counter()
+    losses = []
+    while step < args.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, args)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = packer.next_batch(args.batch_size * dp_size).split(dp_size, dp_rank).to(info.device)
+        with amp:
+            out = model(input_ids=batch.input_ids, labels=batch.labels, cu_seqlens=batch.cu_seqlens)
+        out.loss.backward()
+        sync_gradients(model)
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+
+        loss = out.loss.detach().float().clone()               # identical on the ranks of a CP group
+        if model.dp_group is not None:                          # average over the DP replicas
+            dist.all_reduce(loss, group=model.dp_group)
+        loss = loss.item() / dp_size
+        losses.append(loss)
+        dt = time.perf_counter() - t0
+        tokens_seen += tokens_per_step
+        peak = peak_memory_bytes(info.device)
+        log.write({"step": step, "loss": loss, "lr": lr, "tokens": tokens_seen, "tokens_per_s": tokens_per_step / dt,
+                   "peak_mem_bytes": peak, "time_s": time.perf_counter() - t_start})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}", peak_mem=fmt_bytes(peak))
+
+        if stop.agreed(info.device):
+            bar.close()
+            checkpoint(f"interrupted at step {step}")
+            break
+        if args.stop_at is not None and step >= args.stop_at:
+            bar.close()
+            checkpoint(f"stopped at step {step} (--stop_at)")
+            break
+        if args.save_every and step % args.save_every == 0 and step < args.steps:
+            checkpoint(f"step {step}")
+    else:
+        bar.close()
+        checkpoint(f"finished {step} steps")
+    if info.is_main and len(losses) >= 2:
+        k = max(1, min(10, len(losses) // 4))
+        print(f"loss: mean of the first {k} steps {sum(losses[:k]) / k:.4f} -> mean of the last {k} steps "
+              f"{sum(losses[-k:]) / k:.4f} ({len(losses)} steps, {time.perf_counter() - t_start:.0f}s)", flush=True)
+    stop.restore()
+    cleanup_distributed(info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
