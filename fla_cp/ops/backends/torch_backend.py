@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 CHUNK = 64
 
@@ -30,7 +31,7 @@ class TorchPrep:
     u: torch.Tensor         # T (β v)                             [NCH, HV, C, V]
     attn: torch.Tensor      # tril(scale q k^T e^{γ_i-γ_j})       [NCH, HV, C, C]
     gc: torch.Tensor        # e^{γ_C}                             [NCH, HV]
-    token_index: torch.Tensor   # [NCH, C] flat token of each chunk slot, -1 for padding
+    seg_len: list[int]      # tokens of each segment
     seg_offset: list[int]   # first chunk of each segment
     seg_chunks: list[int]   # number of chunks of each segment
     num_tokens: int
@@ -38,21 +39,25 @@ class TorchPrep:
     leaves: tuple | None = None   # (q, k, v, g, beta) requiring grad, when prepared for backward
 
 
-def _chunk_layout(cu: list[int], chunk: int, device) -> tuple[torch.Tensor, list[int], list[int]]:
-    offsets, counts, index = [], [], []
-    for a, b in zip(cu, cu[1:]):
-        n = (b - a + chunk - 1) // chunk
-        offsets.append(len(index) // chunk)
-        counts.append(n)
-        idx = list(range(a, b)) + [-1] * (n * chunk - (b - a))
-        index.extend(idx)
-    return torch.tensor(index, dtype=torch.long, device=device).view(-1, chunk), offsets, counts
+def _to_chunks(x: torch.Tensor, seg_len: list[int], chunk: int) -> torch.Tensor:
+    """[T, HV, D] -> [NCH, HV, C, D]: each segment zero-padded to whole chunks (zeros make padding an
+    identity step of the recurrence). Split/pad/cat rather than a gather: their backward is slicing
+    and concatenation, where a gather's backward is a slow scatter-add."""
+    pieces = []
+    for piece in x.split(seg_len):
+        pad = -len(piece) % chunk
+        pieces.append(F.pad(piece, (0, 0, 0, 0, 0, pad)) if pad else piece)
+    flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return flat.view(-1, chunk, *x.shape[1:]).transpose(1, 2).contiguous()
 
 
-def _to_chunks(x: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
-    """[T, HV, D] -> [NCH, HV, C, D], zero in padding slots (zeros make padding an identity step)."""
-    padded = torch.cat([x, x.new_zeros(1, *x.shape[1:])])     # index -1 reads this zero row
-    return padded[token_index].transpose(1, 2)
+def _from_chunks(o: torch.Tensor, seg_len: list[int]) -> torch.Tensor:
+    """[NCH, HV, C, V] in segment-major order -> [T, HV, V], dropping the padding."""
+    NCH, HV, C, V = o.shape
+    flat = o.transpose(1, 2).reshape(NCH * C, HV, V)
+    blocks = flat.split([-(-n // C) * C for n in seg_len])
+    pieces = [blk[:n] for blk, n in zip(blocks, seg_len)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def _prepare(q, k, v, g, beta, cu: list[int], scale: float, chunk: int) -> TorchPrep:
@@ -60,10 +65,12 @@ def _prepare(q, k, v, g, beta, cu: list[int], scale: float, chunk: int) -> Torch
     f32 = torch.float32
     q, k = (x[0].to(f32).repeat_interleave(HV // H, dim=1) for x in (q, k))   # GVA: head i -> i // (HV/H)
     v, g, beta = v[0].to(f32), g[0].to(f32), beta[0].to(f32)
-    token_index, seg_offset, seg_chunks = _chunk_layout(cu, chunk, q.device)
+    seg_len = [b - a for a, b in zip(cu, cu[1:])]
+    seg_chunks = [-(-n // chunk) for n in seg_len]
+    seg_offset = [sum(seg_chunks[:i]) for i in range(len(seg_chunks))]
 
-    qc, kc, vc = (_to_chunks(x, token_index) for x in (q, k, v))               # [NCH, HV, C, D]
-    gc, bc = (_to_chunks(x.unsqueeze(-1), token_index).squeeze(-1) for x in (g, beta))  # [NCH, HV, C]
+    qc, kc, vc = (_to_chunks(x, seg_len, chunk) for x in (q, k, v))              # [NCH, HV, C, D]
+    gc, bc = (_to_chunks(x.unsqueeze(-1), seg_len, chunk).squeeze(-1) for x in (g, beta))  # [NCH, HV, C]
     gamma = gc.cumsum(-1)
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
     # e^{γ_i-γ_j} only where j <= i: masking before exp keeps the upper triangle from overflowing
@@ -79,7 +86,7 @@ def _prepare(q, k, v, g, beta, cu: list[int], scale: float, chunk: int) -> Torch
         w=wu[..., :K], u=wu[..., K:],
         attn=scale * (qc @ kc.transpose(-1, -2)) * decay,
         gc=gamma[..., -1].exp(),
-        token_index=token_index, seg_offset=seg_offset, seg_chunks=seg_chunks,
+        seg_len=seg_len, seg_offset=seg_offset, seg_chunks=seg_chunks,
         num_tokens=T, out_dtype=None,
     )
 
@@ -143,16 +150,14 @@ def _scan(prep: TorchPrep, segments: list[int], state: torch.Tensor, extra_cols:
 
 
 def _outputs(prep: TorchPrep, rec) -> torch.Tensor:
-    """Per-chunk outputs of a recorded scan, scattered to tokens: [T, HV, V] fp32."""
+    """Per-chunk outputs of a recorded scan, back in token order: [T, HV, V] fp32."""
     perm, s, v_new = rec
-    take = (lambda x: x) if perm is None else (lambda x: x[perm])
-    o = take(prep.qg) @ s + take(prep.attn) @ v_new                 # [n, HV, C, V]
-    n, HV, C, V = o.shape
-    o = o.transpose(1, 2).reshape(n * C, HV, V)
-    tok = take(prep.token_index).reshape(-1)
-    keep = tok >= 0
-    out = o.new_zeros(prep.num_tokens, HV, V)
-    return out.index_put((tok[keep],), o[keep])
+    if perm is not None:        # step-major -> segment-major chunk order
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(len(perm), device=perm.device)
+        s, v_new = s[inv], v_new[inv]
+    o = prep.qg @ s + prep.attn @ v_new                              # [NCH, HV, C, V]
+    return _from_chunks(o, prep.seg_len)
 
 
 class TorchBackend:
@@ -206,7 +211,7 @@ class TorchBackend:
         V, K = prep.u.shape[-1], prep.w.shape[-1]
         cols = V + (K if with_m else 0)
         order, sizes, perm = _schedule(prep, segments)
-        do_c = _to_chunks(do[0].float(), prep.token_index)            # [NCH, HV, C, V]
+        do_c = _to_chunks(do[0].float(), prep.seg_len, self.chunk_size)   # [NCH, HV, C, V]
         # the do-only part of every chunk at once: qgᵀ dO - Wᵀ attnᵀ dO
         w, kd, gc, qg, attn, dO = (_by_step(x, perm, sizes) for x in
                                    (prep.w, prep.kd, prep.gc, prep.qg, prep.attn, do_c))
