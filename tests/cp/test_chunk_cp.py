@@ -63,15 +63,16 @@ def loss_of(o, ht):
     return loss
 
 
-def run_case(case: dict, seed: int, ctx=None):
-    """Forward + backward of one case; on CP ranks returns the *summed over ranks* gradients."""
-    q, k, v, g, beta, h0 = make_inputs(case, seed)
+def run_case(case: dict, seed: int, ctx=None, backend: str = "auto", device: str = "cpu"):
+    """Forward + backward of one case; on CP ranks returns the *summed over ranks* gradients.
+    Results come back on the CPU."""
+    q, k, v, g, beta, h0 = (None if x is None else x.to(device) for x in make_inputs(case, seed))
     leaves = [x.requires_grad_() for x in (q, k, v, g, beta)] + ([h0.requires_grad_()] if h0 is not None else [])
     local = [ctx.shard(x, dim=1) for x in (q, k, v, g, beta)] if ctx is not None else [q, k, v, g, beta]
-    cu = torch.tensor(case["cu"]) if "cu" in case and ctx is None else None
+    cu = torch.tensor(case["cu"], device=device) if "cu" in case and ctx is None else None
     o, ht = chunk_cp_gated_delta_rule(
         *local, cp_context=ctx, initial_state=h0, output_final_state=case["final"],
-        use_qk_l2norm_in_kernel=case.get("l2norm", False), cu_seqlens=cu)
+        use_qk_l2norm_in_kernel=case.get("l2norm", False), cu_seqlens=cu, backend=backend)
     if ctx is not None:
         o = ctx.unshard(o, dim=1)
     loss = loss_of(o, ht)
@@ -81,7 +82,8 @@ def run_case(case: dict, seed: int, ctx=None):
     if ctx is not None:
         for gr in grads:
             dist.all_reduce(gr)
-    return o.detach(), (ht.detach() if ht is not None else None), grads
+    cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+    return cpu(o), cpu(ht), [cpu(gr) for gr in grads]
 
 
 def naive_case(case: dict, seed: int):

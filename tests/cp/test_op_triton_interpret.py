@@ -24,30 +24,13 @@ from fla_cp.ops import build_cp_context, chunk_cp_gated_delta_rule  # noqa: E402
 
 from _dist import run_ranks  # noqa: E402
 from test_chunk_cp import CASES, assert_close, loss_of, make_inputs, naive_case, rel_err  # noqa: E402
+from test_chunk_cp import run_case as run_chunk_cp_case  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_case(case: dict, seed: int, backend: str, ctx=None):
-    """Forward + backward of one case with `backend`; on CP ranks the gradients summed over ranks."""
-    q, k, v, g, beta, h0 = (None if x is None else x.to(DEVICE) for x in make_inputs(case, seed))
-    leaves = [x.requires_grad_() for x in (q, k, v, g, beta)] + ([h0.requires_grad_()] if h0 is not None else [])
-    local = [ctx.shard(x, dim=1) for x in (q, k, v, g, beta)] if ctx is not None else [q, k, v, g, beta]
-    cu = torch.tensor(case["cu"], device=DEVICE) if "cu" in case and ctx is None else None
-    o, ht = chunk_cp_gated_delta_rule(
-        *local, cp_context=ctx, initial_state=h0, output_final_state=case["final"],
-        use_qk_l2norm_in_kernel=case.get("l2norm", False), cu_seqlens=cu, backend=backend)
-    if ctx is not None:
-        o = ctx.unshard(o, dim=1)
-    loss = loss_of(o, ht)
-    # the loss is replicated on P ranks: each contributes 1/P so the summed gradients are the true ones
-    (loss / (ctx.world_size if ctx is not None else 1)).backward()
-    grads = [x.grad.clone() for x in leaves]
-    if ctx is not None:
-        for gr in grads:
-            dist.all_reduce(gr)
-    cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
-    return cpu(o), cpu(ht), [cpu(gr) for gr in grads]
+    return run_chunk_cp_case(case, seed, ctx, backend=backend, device=DEVICE)
 
 
 def _triton_worker(rank, world_size, cases, seed):
