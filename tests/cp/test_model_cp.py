@@ -110,6 +110,39 @@ def _worker_cp2(rank, world, state):
     return res
 
 
+def _dp2xcp2(state, b):
+    """dp=2 x cp=2 model: dp replica d takes row d of the global dense batch; CP ranks of a replica see it whole."""
+    mesh = init_cp_mesh(2)
+    model = GatedDeltaNetCPForCausalLM(GatedDeltaNetCPConfig(**SMALL), device_mesh=mesh)
+    model.load_state_dict(state)
+    assert model.cp_size == 2 and model.dp_group is not None
+    d = mesh.get_local_rank("dp")
+    return model, mesh, b["dense"][d:d + 1]
+
+
+def _worker_fsdp2(rank, world, state):
+    """The documented FSDP2 recipes over dp x cp; returns the gathered (full) gradients of each."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    res = {}
+    for recipe in ("scale", "divide"):
+        model, mesh, row = _dp2xcp2(state, batches())
+        fully_shard(model, mesh=mesh._flatten("dp_cp"))            # 1-D over the whole dp x cp world
+        if recipe == "scale":
+            scale = model.cp_size
+        else:                                   # gloo has no PREMUL_SUM: force SUM + a post-division
+            model.set_gradient_divide_factor(mesh["dp"].size())
+            model.set_force_sum_reduction_for_comms(True)
+            scale = 1
+        (model(input_ids=row, labels=row).loss * scale).backward()
+        grads = {}
+        for n, p in model.named_parameters():
+            assert isinstance(p.grad, DTensor), f"{n}: FSDP2 grads should be sharded DTensors"
+            grads[n] = p.grad.full_tensor().clone()
+        res[recipe] = grads
+    return res
+
+
 def _worker_world4(rank, world, state):
     from fla_cp.models import sync_gradients
     b = batches()
@@ -120,13 +153,7 @@ def _worker_world4(rank, world, state):
         loss, logits, _ = run_case(model, name, b)
         sync_gradients(model)
         res[name] = (loss, logits, {n: p.grad.clone() for n, p in model.named_parameters()})
-    # dp=2 x cp=2: dp replica d takes row d of the global dense batch; CP ranks of a replica see it whole
-    mesh = init_cp_mesh(2)
-    model = GatedDeltaNetCPForCausalLM(GatedDeltaNetCPConfig(**SMALL), device_mesh=mesh)
-    model.load_state_dict(state)
-    assert model.cp_size == 2 and model.dp_group is not None
-    d = mesh.get_local_rank("dp")
-    row = b["dense"][d:d + 1]
+    model, _, row = _dp2xcp2(state, b)
     model(input_ids=row, labels=row).loss.backward()
     sync_gradients(model)
     res["dpxcp"] = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -175,6 +202,17 @@ def test_model_cp4_and_dp2xcp2(reference):
         for n, rg in refs["dense"][2].items():
             assert rel_err(res["dpxcp"][n], rg) <= TOL, f"dp2xcp2 rank {rank}: grad of {n}"
             assert rel_err(res["ddp"][n], rg) <= TOL, f"DDP over dp x cp, rank {rank}: grad of {n}"
+
+
+def test_fsdp2_over_dp2xcp2(reference):
+    """The docstring's FSDP2 recipe (fully_shard over the flattened dp x cp mesh) on 4 gloo ranks."""
+    model, refs, _ = reference
+    results = run_ranks(_worker_fsdp2, 4, args=(model.state_dict(),))
+    for rank, res in enumerate(results):
+        for recipe in ("scale", "divide"):
+            for n, rg in refs["dense"][2].items():
+                err = rel_err(res[recipe][n], rg)
+                assert err <= TOL, f"FSDP2 ({recipe}) over dp x cp, rank {rank}: grad of {n} {err:.2e}"
 
 
 # -------------------------------------------------------------------------------- single process

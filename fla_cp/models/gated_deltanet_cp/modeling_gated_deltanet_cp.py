@@ -47,7 +47,8 @@ DP average is the mean of per-replica losses, as with DDP). With a data-parallel
       or `mesh._flatten("dp_cp").get_group()`), and backpropagate `out.loss * model.cp_size`: DDP
       divides by dp*cp, the CP ranks' partial gradients must be summed, so the factor cp restores it.
     - FSDP2: `fully_shard(module, mesh=mesh._flatten("dp_cp"))` (1-D over dp x cp) with the same
-      `loss * cp_size` scaling (or `module.set_gradient_divide_factor(dp)` and no scaling).
+      `loss * cp_size` scaling (or `module.set_gradient_divide_factor(dp)` and no scaling; on gloo,
+      which has no PREMUL_SUM, add `module.set_force_sum_reduction_for_comms(True)`).
 
 Generation: `model.generate(input_ids, max_new_tokens=..., do_sample=False)` on every rank of a CP group
 with the same prompt: the prefill runs with CP (the cache starts empty); the recurrent and conv states
