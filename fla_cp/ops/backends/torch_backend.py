@@ -31,6 +31,7 @@ class TorchPrep:
     u: torch.Tensor         # T (β v)                             [NCH, HV, C, V]
     attn: torch.Tensor      # tril(scale q k^T e^{γ_i-γ_j})       [NCH, HV, C, C]
     gc: torch.Tensor        # e^{γ_C}                             [NCH, HV]
+    gamma: torch.Tensor     # γ, the chunk-local gate cumsum      [NCH, HV, C]
     seg_len: list[int]      # tokens of each segment
     seg_offset: list[int]   # first chunk of each segment
     seg_chunks: list[int]   # number of chunks of each segment
@@ -51,7 +52,7 @@ def _to_chunks(x: torch.Tensor, seg_len: list[int], chunk: int) -> torch.Tensor:
     return flat.view(-1, chunk, *x.shape[1:]).transpose(1, 2).contiguous()
 
 
-def _from_chunks(o: torch.Tensor, seg_len: list[int]) -> torch.Tensor:
+def from_chunks(o: torch.Tensor, seg_len: list[int]) -> torch.Tensor:
     """[NCH, HV, C, V] in segment-major order -> [T, HV, V], dropping the padding."""
     NCH, HV, C, V = o.shape
     flat = o.transpose(1, 2).reshape(NCH * C, HV, V)
@@ -85,7 +86,7 @@ def _prepare(q, k, v, g, beta, cu: list[int], scale: float, chunk: int) -> Torch
         kd=kc * (gamma[..., -1:] - gamma).exp().unsqueeze(-1),
         w=wu[..., :K], u=wu[..., K:],
         attn=scale * (qc @ kc.transpose(-1, -2)) * decay,
-        gc=gamma[..., -1].exp(),
+        gc=gamma[..., -1].exp(), gamma=gamma,
         seg_len=seg_len, seg_offset=seg_offset, seg_chunks=seg_chunks,
         num_tokens=T, out_dtype=None,
     )
@@ -157,7 +158,7 @@ def _outputs(prep: TorchPrep, rec) -> torch.Tensor:
         inv[perm] = torch.arange(len(perm), device=perm.device)
         s, v_new = s[inv], v_new[inv]
     o = prep.qg @ s + prep.attn @ v_new                              # [NCH, HV, C, V]
-    return _from_chunks(o, prep.seg_len)
+    return from_chunks(o, prep.seg_len)
 
 
 class TorchBackend:

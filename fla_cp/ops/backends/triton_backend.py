@@ -8,8 +8,8 @@ On CUDA
     summarize / state_grad   `fla_cp.ops.triton.chunk_summary_fwd / _bwd` on the same g, w, u.
 
 Under `TRITON_INTERPRET=1` (CPU) FLA's kernels cannot run, so prepare/forward/backward delegate to the
-torch backend while summarize/state_grad still run our Triton kernels, fed by a small torch prep
-(`wy_prep_torch`) that produces g, w, u with exactly FLA's meaning. The whole operator with our
+torch backend while summarize/state_grad still run our Triton kernels, fed with g, w, u in FLA's
+meaning and layout taken from the torch backend's prep (`fla_layout`). The whole operator with our
 kernels is then testable on CPU.
 
 See `fla_cp/ops/backends/base.py` for the contract.
@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from fla_cp.ops.backends.torch_backend import TorchBackend, from_chunks
 from fla_cp.ops.triton import chunk_summary_bwd, chunk_summary_fwd
 
 CHUNK = 64
@@ -45,60 +46,19 @@ class TritonPrep:
     local: Any = None                # the torch backend's prep, CPU only
 
 
-def wy_prep_torch(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    chunk_size: int = CHUNK,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FLA's prep in fp32 torch: chunk-local gate cumsum (log2 units), w and u of the WY form.
+def fla_layout(prep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch backend's chunked prep in FLA's token layout, what our kernels read:
+    g `[1, T, HV]` (chunk-local cumsum in log2 units), w `[1, T, HV, K]`, u `[1, T, HV, V]`, fp32."""
+    def tokens(x):
+        return from_chunks(x.detach(), prep.seg_len).unsqueeze(0).contiguous()
+    return tokens(prep.gamma.unsqueeze(-1)).squeeze(-1) * RCP_LN2, tokens(prep.w), tokens(prep.u)
 
-    Per chunk of segment-aligned tokens (γ the natural-log cumsum inside the chunk):
-        A = strict_tril(β_i k_i·k_j e^{γ_i-γ_j}),  w = (I+A)^{-1} (β e^γ k),  u = (I+A)^{-1} (β v)
-    Args:
-        k: `[1, T, H, K]`; v: `[1, T, HV, V]`; g, beta: `[1, T, HV]`; cu_seqlens: `[S+1]`.
-    Returns:
-        g `[1, T, HV]` (γ / ln 2), w `[1, T, HV, K]`, u `[1, T, HV, V]`, all fp32.
-    """
-    T, H, K = k.shape[1:]
-    HV, V = v.shape[2:]
-    C = chunk_size
-    dev = k.device
-    # chunk id and slot of every token; chunks restart at every segment start
-    cu = cu_seqlens.tolist()
-    lens = torch.tensor([b - a for a, b in zip(cu, cu[1:])], dtype=torch.long)
-    seg_chunks = (lens + C - 1) // C
-    first_chunk = torch.cat([seg_chunks.new_zeros(1), seg_chunks.cumsum(0)[:-1]])
-    seg_of = torch.repeat_interleave(torch.arange(len(lens)), lens)
-    pos = torch.arange(T) - torch.tensor(cu[:-1], dtype=torch.long)[seg_of]
-    chunk_id = (first_chunk[seg_of] + pos // C).to(dev)
-    slot = (pos % C).to(dev)
-    NC = int(seg_chunks.sum())
 
-    def chunked(x):                  # [T, HV, D] -> [NC, HV, C, D], zero padding
-        out = x.new_zeros(NC, C, *x.shape[1:])
-        out[chunk_id, slot] = x
-        return out.transpose(1, 2)
-
-    kc = chunked(k[0].float().repeat_interleave(HV // H, dim=1))
-    vc = chunked(v[0].float())
-    gc = chunked(g[0].float().unsqueeze(-1)).squeeze(-1)     # [NC, HV, C]
-    bc = chunked(beta[0].float().unsqueeze(-1)).squeeze(-1)
-    gamma = gc.cumsum(-1)
-    causal = torch.ones(C, C, dtype=torch.bool, device=dev).tril(-1)
-    decay = torch.where(causal, gamma.unsqueeze(-1) - gamma.unsqueeze(-2), float('-inf')).exp()
-    a = bc.unsqueeze(-1) * (kc @ kc.transpose(-1, -2)) * decay
-    eye = torch.eye(C, dtype=torch.float32, device=dev)
-    rhs = torch.cat([(bc * gamma.exp()).unsqueeze(-1) * kc, bc.unsqueeze(-1) * vc], dim=-1)
-    wu = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
-
-    def tokens(x):                   # [NC, HV, C, D] -> [1, T, HV, D]
-        return x.transpose(1, 2)[chunk_id, slot].unsqueeze(0)
-
-    g_log2 = tokens(gamma.unsqueeze(-1)).squeeze(-1) * RCP_LN2
-    return g_log2.contiguous(), tokens(wu[..., :K]).contiguous(), tokens(wu[..., K:]).contiguous()
+def wy_prep_torch(k, v, g, beta, cu_seqlens, chunk_size: int = CHUNK):
+    """FLA's prep (g, w, u of the WY form, see `fla_layout`) computed by the torch backend.
+    k `[1, T, H, K]`, v `[1, T, HV, V]`, g, beta `[1, T, HV]`, cu_seqlens `[S+1]`."""
+    # q only enters the output terms of the prep, which are not used here
+    return fla_layout(TorchBackend(chunk_size).prepare(k, k, v, g, beta, cu_seqlens, scale=1.0))
 
 
 class TritonBackend:
@@ -113,7 +73,6 @@ class TritonBackend:
     @property
     def torch_backend(self):
         if self._torch is None:
-            from fla_cp.ops.backends.torch_backend import TorchBackend
             self._torch = TorchBackend(chunk_size=self.chunk_size)
         return self._torch
 
@@ -128,7 +87,7 @@ class TritonBackend:
         if self._on_fla(q):
             return self._prepare_fla(q, k, v, g, beta, cu_seqlens, scale)
         local = self.torch_backend.prepare(q, k, v, g, beta, cu_seqlens, scale, for_backward=for_backward)
-        gl, w, u = wy_prep_torch(k, v, g, beta, cu_seqlens, self.chunk_size)
+        gl, w, u = fla_layout(local)
         # our kernels see fp32 here: the interpreter has no bf16 math and the delegate is fp32 inside
         return TritonPrep(q=q.float(), k=k.float(), v=v, beta=beta, g=gl, w=w, u=u, cu_seqlens=cu_seqlens,
                           scale=scale, chunk_size=self.chunk_size, local=local)
