@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fla.ops.gated_delta_rule.gate import naive_gdn_gate
 
 
 def _fused_ok(x: torch.Tensor) -> bool:
@@ -65,8 +66,5 @@ def gated_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def gdn_gate(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor | None) -> torch.Tensor:
-    """Log-decay of GDN, `-exp(A_log) * softplus(a + dt_bias)`, in fp32 (FLA's `naive_gdn_gate`)."""
-    a = a.float()
-    if dt_bias is not None:
-        a = a + dt_bias.float()
-    return -A_log.float().exp() * F.softplus(a)
+    """Log-decay of GDN, `-exp(A_log) * softplus(a + dt_bias)`, fp32: FLA's torch reference."""
+    return naive_gdn_gate(a, A_log, dt_bias, output_dtype=torch.float32)

@@ -15,6 +15,14 @@ def world_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
+def collective_device(group) -> torch.device:
+    """Where small host-built tensors (flags, shapes) must live for `group`'s backend: NCCL only
+    takes CUDA tensors, gloo takes CPU ones."""
+    if group is not None and "nccl" in str(dist.get_backend(group)).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _needs_host_staging(t: torch.Tensor, group) -> bool:
     return t.device.type != "cpu" and dist.get_backend(group) == "gloo"
 
@@ -67,7 +75,7 @@ def check_agreement(group, local_error: str | None, fields: dict[str, list[int]]
             raise ValueError(f"{what}: rank {rank}: {local_error}")
         return
     flat = [1 if local_error else 0] + [int(v) for vals in fields.values() for v in vals]
-    gathered = all_gather(torch.tensor(flat, dtype=torch.long), group)
+    gathered = all_gather(torch.tensor(flat, dtype=torch.long, device=collective_device(group)), group).cpu()
     if gathered[:, 0].any():
         messages = [None] * dist.get_world_size(group)
         dist.all_gather_object(messages, local_error, group=group)

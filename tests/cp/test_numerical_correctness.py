@@ -257,6 +257,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from fla_cp.models import init_cp_mesh
+    from fla_cp.ops.comm import collective_device
     from fla_cp.utils.dist import cleanup_distributed, init_distributed
     info = init_distributed()
     cp_size = args.cp_size or info.world_size
@@ -280,7 +281,7 @@ def main(argv=None) -> int:
             continue
         res = compute(dt, saved["train_steps"], cp_size, info.device, device_mesh=mesh, layout=args.cp_layout)
         compare(res, saved["results"][dt], dt, report)
-    ok = torch.tensor([float(report.passed)])
+    ok = torch.tensor([float(report.passed)], device=collective_device(dist.group.WORLD))
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if info.is_main:
         print(report.render(), flush=True)
