@@ -19,6 +19,13 @@ def _fused_ok(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
+def _normalize(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """fp32 `x / rms(x) * weight` with FLA's norm module's eps and weight."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm.eps)
+    return y * norm.weight.float() if norm.weight is not None else y
+
+
 def rms_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None, prenorm: bool = False):
     """`norm(x, residual, prenorm)` for FLA's `RMSNorm` or `torch.nn.RMSNorm`, on any device.
 
@@ -34,10 +41,7 @@ def rms_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = N
     dtype = x.dtype
     if residual is not None:
         x = (x.float() + residual.float()).to(dtype)
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm.eps)
-    if norm.weight is not None:
-        y = y * norm.weight.float()
+    y = _normalize(x, norm)
     if getattr(norm, "bias", None) is not None:
         y = y + norm.bias.float()
     y = y.to(dtype)
@@ -48,11 +52,8 @@ def rms_norm_gated(norm: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.T
     """FLA's `FusedRMSNormGated`: `rmsnorm(x) * weight * act(g)`, act = swish/silu or sigmoid."""
     if _fused_ok(x):
         return norm(x, g)
-    xf, gf = x.float(), g.float()
-    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm.eps)
-    if norm.weight is not None:
-        y = y * norm.weight.float()
-    y = y * (F.silu(gf) if norm.activation in ("swish", "silu") else torch.sigmoid(gf))
+    gf = g.float()
+    y = _normalize(x, norm) * (F.silu(gf) if norm.activation in ("swish", "silu") else torch.sigmoid(gf))
     return y.to(x.dtype)
 
 

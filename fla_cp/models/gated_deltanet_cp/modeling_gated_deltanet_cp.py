@@ -196,12 +196,7 @@ class GatedDeltaNetCPBlock(GradientCheckpointingLayer):
             hidden_states, _, past_key_values = self.attn(
                 hidden_states=hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
                 use_cache=use_cache, cu_seqlens=cu_seqlens, **kwargs)
-        if self.config.fuse_norm:
-            hidden_states, residual = rms_norm(self.mlp_norm, hidden_states, residual, prenorm=True)
-        else:
-            hidden_states = residual + hidden_states
-            residual = hidden_states
-            hidden_states = self.mlp_norm(hidden_states)
+        hidden_states, residual = rms_norm(self.mlp_norm, hidden_states, residual, prenorm=True)
         hidden_states = residual + gated_mlp(self.mlp, hidden_states)
         return hidden_states, past_key_values
 
