@@ -32,7 +32,7 @@ from fla.layers import GatedDeltaNet
 from fla.layers.utils import get_layer_cache, update_layer_cache
 
 from fla_cp.layers.functional import gdn_gate, rms_norm, rms_norm_gated
-from fla_cp.layers.short_conv_cp import causal_conv, conv_halo
+from fla_cp.layers.short_conv_cp import causal_conv, conv_halo, window_index_of
 from fla_cp.ops import chunk_cp_gated_delta_rule, comm
 
 
@@ -158,8 +158,13 @@ class GatedDeltaNetCP(GatedDeltaNet):
                 raise ValueError(f"conv cache holds {state.shape[0]} sequences, input has {len(flat_bounds)}")
             init = state[..., 1:].transpose(1, 2)
 
+        windows = None
+        if cp is not None:   # the same for every layer of this forward
+            windows = cp.memo(("conv_windows", B, W, init is not None, str(x.device)),
+                              lambda: window_index_of(flat_bounds, B * T, W, init is not None).to(x.device))
         y, final = causal_conv(x.reshape(B * T, C), weight, bias, flat_bounds, init,
-                               activation=self.q_conv1d.activation, output_final_state=bool(use_cache))
+                               activation=self.q_conv1d.activation, output_final_state=bool(use_cache),
+                               window_index=windows)
         q, k, v = torch.split(y.view(B, T, C), [self.key_dim, self.key_dim, self.value_dim], -1)
 
         conv_state = None

@@ -10,13 +10,16 @@ over the group and hands each rank the gradient of its own tails: halo gradients
 
 The convolution itself is written as a gather of explicit windows (`[N, W, D]`) and a weighted sum,
 which handles packed segments, per-segment initial states (halo or decode cache) and final states in
-one vectorised pass on any device. Its math is FLA's `causal_conv1d`: `y_t = act(sum_j w[:, j] *
+one vectorised pass on any device; the windows are recomputed in backward rather than kept. Its math is FLA's `causal_conv1d`: `y_t = act(sum_j w[:, j] *
 x_{t-W+1+j} + b)`, with a cache `[N, D, W]` holding a sequence's last W inputs (oldest first).
 """
 from __future__ import annotations
 
+import bisect
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from fla_cp.ops import comm
 
@@ -29,6 +32,7 @@ def causal_conv(
     init: torch.Tensor | None = None,
     activation: str | None = "silu",
     output_final_state: bool = False,
+    window_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal depthwise conv over a flat stream of segments.
 
@@ -36,20 +40,23 @@ def causal_conv(
         x: `[N, D]` inputs; `bounds` lists the `(start, end)` of the S segments covering `[0, N)`.
         weight: `[D, W]`; bias: `[D]` or None.
         init: `[S, W-1, D]` inputs that precede each segment (oldest first), or None for zeros.
+        window_index: `window_index(bounds, N, W, init is not None)` on x's device, when the caller
+            keeps it across layers.
     Returns:
         y `[N, D]`, and when `output_final_state` the last W inputs of every segment `[S, D, W]`.
     """
     N, D = x.shape
     W = weight.shape[-1]
     S = len(bounds)
-    idx = _window_index(bounds, N, W, has_init=init is not None)
+    idx = window_index if window_index is not None else window_index_of(bounds, N, W, has_init=init is not None)
     parts = [x]
     if init is not None:
         parts.append(init.reshape(S * (W - 1), D).to(x.dtype))
     parts.append(x.new_zeros(1, D))
     src = torch.cat(parts, 0)
-    windows = src[idx.to(x.device)]                                   # [N, W, D]
-    y = torch.einsum('nwd,dw->nd', windows, weight.to(x.dtype))
+    idx = idx.to(x.device)
+    # recomputed in backward: autograd then keeps src (~N rows), not the N windows of W rows each
+    y = checkpoint(_window_sum, src, idx, weight.to(x.dtype), use_reentrant=False)
     if bias is not None:
         y = y + bias.to(x.dtype)
     if activation in ("silu", "swish"):
@@ -59,11 +66,17 @@ def causal_conv(
     final = None
     if output_final_state:
         last = torch.tensor([e - 1 for _, e in bounds], device=x.device)
-        final = windows[last].transpose(1, 2).contiguous()           # [S, D, W]
+        final = src[idx[last]].transpose(1, 2).contiguous()         # [S, D, W]
     return y, final
 
 
-def _window_index(bounds: list[tuple[int, int]], N: int, W: int, has_init: bool) -> torch.Tensor:
+def _window_sum(src: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`y[n] = sum_j weight[:, j] * src[idx[n, j]]`: each window summed the same way wherever it sits,
+    so a token's conv output is bitwise the same on any CP layout."""
+    return torch.einsum('nwd,dw->nd', src[idx], weight)
+
+
+def window_index_of(bounds: list[tuple[int, int]], N: int, W: int, has_init: bool) -> torch.Tensor:
     """Row of `src = [x; init; 0]` for every (token, tap): `[N, W]`, tap W-1 is the token itself."""
     S = len(bounds)
     starts = torch.tensor([s for s, _ in bounds], dtype=torch.long)
@@ -137,6 +150,13 @@ def conv_halo(x: torch.Tensor, cp_context, W: int) -> torch.Tensor | None:
     src = torch.cat([src, src.new_zeros(B, 1, D)], 1)
     zero_row = src.shape[1] - 1
 
+    index = cp.memo(("conv_halo_rows", W, str(x.device)), lambda: _halo_rows(cp, H, zero_row).to(x.device))
+    return src[:, index]                                               # [B, S, H, D]
+
+
+def _halo_rows(cp, H: int, zero_row: int) -> torch.Tensor:
+    """Row of the gathered tails `[P * nlp * H]` for each local segment's H predecessors: `[S, H]`."""
+    nlp = len(cp.local_parts)
     slot, cu = _owner_slot(cp), cp.cu_seqlens.tolist()
     starts = [p.start for p in cp.parts]
     index = []
@@ -148,9 +168,8 @@ def conv_halo(x: torch.Tensor, cp_context, W: int) -> torch.Tensor | None:
                 pos = p0 - H + i
                 if pos < cu[s.seq]:
                     continue                                           # before the document: zero
-                m = max(j for j, st in enumerate(starts) if st <= pos)
+                m = bisect.bisect_right(starts, pos) - 1               # the part holding pos
                 pm = cp.parts[m]
                 row[i] = (pm.owner * nlp + slot[m]) * H + H - (pm.end - pos)
         index.append(row)
-    index = torch.tensor(index, dtype=torch.long, device=x.device)       # [S, H]
-    return src[:, index]                                               # [B, S, H, D]
+    return torch.tensor(index, dtype=torch.long)

@@ -18,6 +18,7 @@ import torch
 
 from fla_cp.ops import comm
 from fla_cp.ops.backends import get_backend
+from fla_cp.ops.backends.base import LocalBackend
 from fla_cp.ops.context import CPContext, build_cp_context, parts_of_rank
 
 MAX_HEAD_DIM = 256
@@ -40,10 +41,11 @@ class _Plan:
         return self.cp.num_seqs if self.cp.packed else self.B
 
     def flat_cu_seqlens(self, device) -> torch.Tensor:
-        row = self.cp.local_cu_seqlens()
-        T = self.cp.local_len
-        cu = torch.cat([row[:-1] + b * T for b in range(self.B)] + [torch.tensor([self.B * T])])
-        return cu.to(device)
+        def build():
+            row = self.cp.local_cu_seqlens()
+            T = self.cp.local_len
+            return torch.cat([row[:-1] + b * T for b in range(self.B)] + [torch.tensor([self.B * T])]).to(device)
+        return self.cp.memo(("flat_cu_seqlens", self.B, str(device)), build)
 
     def all_segments(self):
         """(row, local segment) pairs of the flattened stream."""
@@ -328,7 +330,7 @@ def chunk_cp_gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
-    backend: str = "auto",
+    backend: str | LocalBackend = "auto",
     cu_seqlens: torch.Tensor | None = None,
 ):
     r"""Gated DeltaNet over a sequence split across the ranks of a CP group; exact.
@@ -345,7 +347,8 @@ def chunk_cp_gated_delta_rule(
         output_final_state: return the final states `[N, HV, K, V]` fp32, identical on every rank
             (costs one all-reduce of that size).
         use_qk_l2norm_in_kernel: l2-normalise q and k over the head dim first.
-        backend: "auto" (triton on CUDA, torch elsewhere) | "torch" | "triton".
+        backend: "auto" (triton on CUDA, torch elsewhere) | "torch" | "triton", or a backend object
+            (`fla_cp.ops.backends`), e.g. `TritonBackend(local_kernels="fla")`.
 
     Returns:
         o `[B, T_loc, HV, V]` (q's dtype) and the final state (or None).

@@ -64,6 +64,14 @@ class CPContext:
     parts: list[Part]
     local_parts: list[int]
     segments: list[Segment] = field(repr=False)
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def memo(self, key, build):
+        """`build()` once per context and key: index tensors derived from the split (halo rows, conv
+        windows, flat cu_seqlens) are the same for every layer of a forward and its backward."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     @property
     def total_len(self) -> int:

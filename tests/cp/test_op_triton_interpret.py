@@ -3,7 +3,9 @@ and vs FLA's naive recurrence, fp32, relative error <= 1e-5.
 
 On CPU the triton backend runs our summary kernels in Triton's interpreter (`_interpret`) around the
 torch backend's local chunk compute; on a GPU it runs FLA's chunk kernels and our compiled kernels,
-the gloo ranks sharing the one device.
+the gloo ranks sharing the one device. `test_op_fla_kernels_interpreted` runs the GPU path on CPU:
+FLA's chunk kernels in the interpreter too (`TritonBackend(local_kernels="fla")`), which checks every
+call this package makes into FLA (arguments, layouts, log2 gates, per-segment h0/dht) without a GPU.
 
 The cases, inputs, loss and references are the operator suite's own (`test_chunk_cp.py`): dense and
 packed streams, zigzag, GVA, K != V and odd head dims, documents of 1-3 tokens on rank boundaries,
@@ -11,6 +13,11 @@ slow-decay heads, initial and final states, l2norm in the kernel. Checked: o, fi
 gradients of q, k, v, g, beta, initial_state.
 """
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -21,6 +28,7 @@ from _interpret import interpret_env, load_kernels
 load_kernels()  # interpreted on CPU, compiled on a GPU
 
 from fla_cp.ops import build_cp_context, chunk_cp_gated_delta_rule  # noqa: E402
+from fla_cp.ops.backends.triton_backend import TritonBackend  # noqa: E402
 
 from _dist import run_ranks  # noqa: E402
 from test_chunk_cp import CASES, assert_close, loss_of, make_inputs, naive_case, rel_err  # noqa: E402
@@ -33,7 +41,7 @@ def run_case(case: dict, seed: int, backend: str, ctx=None):
     return run_chunk_cp_case(case, seed, ctx, backend=backend, device=DEVICE)
 
 
-def _triton_worker(rank, world_size, cases, seed):
+def _triton_worker(rank, world_size, cases, seed, local_kernels="auto"):
     if DEVICE == "cuda":
         torch.cuda.set_device(0)
     results = []
@@ -43,7 +51,9 @@ def _triton_worker(rank, world_size, cases, seed):
             ctx = build_cp_context(None, cu_seqlens=torch.tensor(case["cu"]), layout=layout)
         else:
             ctx = build_cp_context(None, seq_len=case["T"], layout=layout)
-        results.append(run_case(case, seed, "triton", ctx))
+        if world_size == 1:
+            ctx = None   # the plain single-device op
+        results.append(run_case(case, seed, TritonBackend(local_kernels=local_kernels), ctx))
     return results
 
 
@@ -57,6 +67,40 @@ def test_op_triton_multirank(world_size):
         label = f"triton P={world_size} {case['name']} seed={seed}"
         assert_close(res, run_case(case, seed, "torch"), label + " vs torch single process")
         assert_close(res, naive_case(case, seed), label + " vs naive")
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU test_op_triton_multirank already runs FLA's compiled kernels")
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_op_fla_kernels_interpreted(world_size):
+    """The CUDA path of the triton backend on CPU: FLA's chunk kernels and ours, all interpreted.
+    Ranks are spawned with TRITON_INTERPRET=1 so FLA's kernels are decorated for the interpreter."""
+    seed = torch.randint(0, 2**31 - 1, ()).item()
+    with interpret_env():
+        got = run_ranks(_triton_worker, world_size, (CASES, seed, "fla"), timeout=400)[0]
+    for case, res in zip(CASES, got):
+        label = f"triton+FLA kernels (interpreted) P={world_size} {case['name']} seed={seed}"
+        assert_close(res, run_case(case, seed, "torch"), label + " vs torch single process")
+        assert_close(res, naive_case(case, seed), label + " vs naive")
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="FLA's kernels run compiled on a GPU")
+def test_triton_backend_fla_needs_interpreter():
+    """FLA imported without TRITON_INTERPRET cannot run on CPU: a clear error, not a Triton driver trace.
+    A fresh interpreter, since this process imported FLA's kernels interpreted (`load_kernels`)."""
+    code = textwrap.dedent("""
+        import torch
+        from fla_cp.ops import chunk_cp_gated_delta_rule
+        from fla_cp.ops.backends.triton_backend import TritonBackend
+        x = torch.randn(1, 8, 1, 4)
+        chunk_cp_gated_delta_rule(x, x, x, -torch.rand(1, 8, 1), torch.rand(1, 8, 1),
+                                  backend=TritonBackend(local_kernels="fla"))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "RuntimeError: TritonBackend(local_kernels='fla') off CUDA" in run.stderr, run.stderr[-2000:]
+    assert "TRITON_INTERPRET=1 before FLA is first imported" in run.stderr
 
 
 def test_op_triton_single_process():

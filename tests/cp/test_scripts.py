@@ -114,7 +114,8 @@ def test_jsonl_txt_and_default_corpus(tmp_path):
 def test_local_hf_tokenizer(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     from transformers import PreTrainedTokenizerFast
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "</s>": 1, "hello": 2, "world": 3}, unk_token="[UNK]"))
+    vocab = {"[UNK]": 0, "</s>": 1, "hello": 2, "world": 3}
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", unk_token="[UNK]").save_pretrained(tmp_path / "tok")
     tok = load_tokenizer(str(tmp_path / "tok"))
@@ -246,3 +247,24 @@ def test_benchmark_memory_cp1_then_cp2(tmp_path):
     assert 1.8 < reduction < 2.2, reduction            # activations scale with the local chunk
     assert f"{reduction:.2f}x act" in two.stdout
     assert (tmp_path / "mem.png").stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------------------------
+# bench_op.py
+# ----------------------------------------------------------------------------------------------
+def test_bench_op_smoke():
+    """bench_op.py --smoke: the GPU benchmark's code paths on CPU, FLA's chunk and CP kernels and ours
+    in Triton's interpreter (~45 s on 2 cores). A row per (P, mode), FLA's CP column filled, err
+    (outputs and gradients of every timed rank vs FLA's plain op on the whole T) within fp32 rounding."""
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_op.py"), "--smoke"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert "MEAN NOTHING" in lines[0]                      # nobody mistakes the times for a benchmark
+    header = max(i for i, line in enumerate(lines) if line.lstrip().startswith("shape |"))
+    rows = [[c.strip() for c in line.split("|")] for line in lines[header + 2:] if "|" in line]
+    assert sorted((r[2], r[3]) for r in rows) == sorted((P, m) for P in "124" for m in ("fwd", "fwd+bwd")), rows
+    for shape, T, P, mode, t_full, t_ours, t_fla_cp, *_, err in rows:
+        assert (shape, T) == ("tiny", "256")
+        assert t_fla_cp != "n/a", res.stdout + res.stderr[-3000:]
+        assert float(err) <= 1e-4, (P, mode, err)

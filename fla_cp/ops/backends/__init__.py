@@ -6,10 +6,14 @@ import torch
 from fla_cp.ops.backends.torch_backend import TorchBackend
 
 BACKENDS = ("auto", "torch", "triton")
+_CONTRACT = ("prepare", "summarize", "forward", "state_grad", "backward")
 
 
-def get_backend(name: str, device: torch.device):
-    """The backend called `name`; "auto" is triton on CUDA and torch elsewhere."""
+def get_backend(name, device: torch.device):
+    """The backend called `name`; "auto" is triton on CUDA and torch elsewhere. A backend object
+    (see `base.LocalBackend`, e.g. `TritonBackend(chunk_size=64, local_kernels="fla")`) is used as is."""
+    if not isinstance(name, str) and all(hasattr(name, m) for m in _CONTRACT):
+        return name
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "auto":

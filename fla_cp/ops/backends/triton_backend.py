@@ -7,10 +7,11 @@ On CUDA
               bwd_dqkwg, prepare_wy_repr_bwd, reverse cumsum) without its cp_context branch
     summarize / state_grad   `fla_cp.ops.triton.chunk_summary_fwd / _bwd` on the same g, w, u.
 
-Under `TRITON_INTERPRET=1` (CPU) FLA's kernels cannot run, so prepare/forward/backward delegate to the
-torch backend while summarize/state_grad still run our Triton kernels, fed with g, w, u in FLA's
-meaning and layout taken from the torch backend's prep (`fla_layout`). The whole operator with our
-kernels is then testable on CPU.
+Elsewhere (CPU, where our kernels run in Triton's interpreter) prepare/forward/backward delegate to
+the torch backend by default, while summarize/state_grad still run our Triton kernels, fed with g, w,
+u in FLA's meaning and layout taken from the torch backend's prep (`fla_layout`). With
+`local_kernels="fla"` the CUDA path itself runs on CPU: FLA's kernels in the interpreter (see
+`fla_cp.utils.triton_interpreter`; slow, for tests of this file's FLA calls).
 
 See `fla_cp/ops/backends/base.py` for the contract.
 """
@@ -61,12 +62,34 @@ def wy_prep_torch(k, v, g, beta, cu_seqlens, chunk_size: int = CHUNK):
     return fla_layout(TorchBackend(chunk_size).prepare(k, k, v, g, beta, cu_seqlens, scale=1.0))
 
 
+LOCAL_KERNELS = ('auto', 'fla', 'torch')
+
+
+def _check_fla_interpreted():
+    """FLA's kernels off CUDA only run in Triton's interpreter, which is chosen when they are imported."""
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_kernel_h_blockdim64 as kernel
+
+    from fla_cp.utils.triton_interpreter import enable_fla_kernels_in_interpreter, is_interpreted
+    if not is_interpreted(kernel):
+        raise RuntimeError("TritonBackend(local_kernels='fla') off CUDA runs FLA's kernels in Triton's interpreter: "
+                           "set TRITON_INTERPRET=1 before FLA is first imported")
+    enable_fla_kernels_in_interpreter()
+
+
 class TritonBackend:
-    """FLA's chunk kernels + fla_cp's summary kernels; see `base.py` for the contract."""
+    """FLA's chunk kernels + fla_cp's summary kernels; see `base.py` for the contract.
+
+    local_kernels: who computes the local chunk forward/backward: "auto" (FLA's kernels on CUDA, the
+    torch backend elsewhere), "fla" (FLA's kernels on any device; on CPU in Triton's interpreter,
+    which must have been on when FLA was imported), "torch".
+    """
     name = 'triton'
 
-    def __init__(self, chunk_size: int = CHUNK):
+    def __init__(self, chunk_size: int = CHUNK, local_kernels: str = 'auto'):
+        if local_kernels not in LOCAL_KERNELS:
+            raise ValueError(f"local_kernels must be one of {LOCAL_KERNELS}, got {local_kernels!r}")
         self.chunk_size = chunk_size
+        self.local_kernels = local_kernels
         self._torch = None
 
     # -- CPU / interpreter delegate -------------------------------------------------------------
@@ -76,9 +99,12 @@ class TritonBackend:
             self._torch = TorchBackend(chunk_size=self.chunk_size)
         return self._torch
 
-    @staticmethod
-    def _on_fla(x: torch.Tensor) -> bool:
-        return x.is_cuda
+    def _on_fla(self, x: torch.Tensor) -> bool:
+        if self.local_kernels == 'auto':
+            return x.is_cuda
+        if self.local_kernels == 'fla' and not x.is_cuda:
+            _check_fla_interpreted()
+        return self.local_kernels == 'fla'
 
     # -- contract -------------------------------------------------------------------------------
     def prepare(self, q, k, v, g, beta, cu_seqlens, scale, for_backward=False) -> TritonPrep:
@@ -125,6 +151,7 @@ class TritonBackend:
                           chunk_size=BT, A=A, chunk_indices=chunk_indices)
 
     def _forward_fla(self, prep: TritonPrep, h0):
+        h0 = None if h0 is None else h0.contiguous()   # FLA's kernels read states as dense memory
         from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
         from fla.ops.common.chunk_o import chunk_fwd_o
         h, v_new, ht = chunk_gated_delta_rule_fwd_h(
@@ -144,6 +171,7 @@ class TritonBackend:
         q, k, v, g, beta, A = prep.q, prep.k, prep.v, prep.g, prep.beta, prep.A
         cu, ci, BT, scale = prep.cu_seqlens, prep.chunk_indices, prep.chunk_size, prep.scale
         do = do.to(q.dtype).contiguous()
+        h0, dht = (None if x is None else x.contiguous() for x in (h0, dht))
         h, v_new, _ = chunk_gated_delta_rule_fwd_h(
             k=k, w=prep.w, u=prep.u, g=g, initial_state=h0, output_final_state=False,
             cu_seqlens=cu, chunk_indices=ci, chunk_size=BT)

@@ -158,6 +158,30 @@ def _g_chain(q, k, w, g, do, T, i_v, scale, H: tl.constexpr, HV: tl.constexpr, K
 
 
 @triton.jit
+def _segment(cu_seqlens, seg_ids, i_nh, HV: tl.constexpr):
+    """Value head, first token (int64) and length of the segment that program row `i_nh` summarises."""
+    i_n, i_h = i_nh // HV, i_nh % HV
+    i_s = tl.load(seg_ids + i_n).to(tl.int64)
+    bos, eos = tl.load(cu_seqlens + i_s).to(tl.int64), tl.load(cu_seqlens + i_s + 1).to(tl.int64)
+    return i_h, bos, (eos - bos).to(tl.int32)
+
+
+@triton.jit
+def _store_columns(out, b_x, i_c, NV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr):
+    """Store tile `b_x` [BK, BV] of one summary `[K, W]`: column block i_c of H / G (i_c < NV), or
+    column block i_c - NV of M, which sits after the V state columns."""
+    o_k = tl.arange(0, BK)
+    if i_c < NV:
+        o_c = i_c * BV + tl.arange(0, BV)
+        m_c = o_c < V
+    else:
+        o_c = V + (i_c - NV) * BV + tl.arange(0, BV)
+        m_c = o_c < V + K
+    tl.store(out + o_k[:, None] * W + o_c[None, :], b_x, mask=(o_k < K)[:, None] & m_c[None, :])
+
+
+@triton.jit
 def chunk_summary_fwd_kernel(
     k, w, u, g, hm, cu_seqlens, seg_ids,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
@@ -165,26 +189,17 @@ def chunk_summary_fwd_kernel(
     WITH_M: tl.constexpr, FP32_STATE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_c, i_nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_n, i_h = i_nh // HV, i_nh % HV
-    i_s = tl.load(seg_ids + i_n).to(tl.int64)
-    bos, eos = tl.load(cu_seqlens + i_s).to(tl.int64), tl.load(cu_seqlens + i_s + 1).to(tl.int64)
-    T = (eos - bos).to(tl.int32)
+    i_h, bos, T = _segment(cu_seqlens, seg_ids, i_nh, HV)
     # GVA: value head i_h reads key head i_h // (HV // H); w is already per value head
     k += (bos * H + i_h // (HV // H)) * K
     w += (bos * HV + i_h) * K
     u += (bos * HV + i_h) * V
     g += bos * HV + i_h
-    hm += i_nh * K * W
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
     if i_c < NV:
-        b_h = _h_chain(k, w, u, g, T, i_c, H, HV, K, V, BT, BK, BV, FP32_STATE, PRECISION)
-        o_v = i_c * BV + tl.arange(0, BV)
-        tl.store(hm + o_k[:, None] * W + o_v[None, :], b_h, mask=m_k[:, None] & (o_v < V)[None, :])
+        b_x = _h_chain(k, w, u, g, T, i_c, H, HV, K, V, BT, BK, BV, FP32_STATE, PRECISION)
     else:
-        b_m = _m_chain(k, w, g, T, i_c - NV, H, HV, K, BT, BK, BV, PRECISION)
-        o_c = (i_c - NV) * BV + tl.arange(0, BV)
-        tl.store(hm + V + o_k[:, None] * W + o_c[None, :], b_m, mask=m_k[:, None] & (o_c < K)[None, :])
+        b_x = _m_chain(k, w, g, T, i_c - NV, H, HV, K, BT, BK, BV, PRECISION)
+    _store_columns(hm + i_nh * K * W, b_x, i_c, NV, K, V, W, BK, BV)
 
 
 @triton.jit
@@ -195,26 +210,17 @@ def chunk_summary_bwd_kernel(
     WITH_M: tl.constexpr, FP32_STATE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_c, i_nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_n, i_h = i_nh // HV, i_nh % HV
-    i_s = tl.load(seg_ids + i_n).to(tl.int64)
-    bos, eos = tl.load(cu_seqlens + i_s).to(tl.int64), tl.load(cu_seqlens + i_s + 1).to(tl.int64)
-    T = (eos - bos).to(tl.int32)
+    i_h, bos, T = _segment(cu_seqlens, seg_ids, i_nh, HV)
     q += (bos * H + i_h // (HV // H)) * K
     k += (bos * H + i_h // (HV // H)) * K
     w += (bos * HV + i_h) * K
     do += (bos * HV + i_h) * V
     g += bos * HV + i_h
-    gm += i_nh * K * W
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
     if i_c < NV:
-        b_dh = _g_chain(q, k, w, g, do, T, i_c, scale, H, HV, K, V, BT, BK, BV, FP32_STATE, PRECISION)
-        o_v = i_c * BV + tl.arange(0, BV)
-        tl.store(gm + o_k[:, None] * W + o_v[None, :], b_dh, mask=m_k[:, None] & (o_v < V)[None, :])
+        b_x = _g_chain(q, k, w, g, do, T, i_c, scale, H, HV, K, V, BT, BK, BV, FP32_STATE, PRECISION)
     else:
-        b_m = _m_chain(k, w, g, T, i_c - NV, H, HV, K, BT, BK, BV, PRECISION)
-        o_c = (i_c - NV) * BV + tl.arange(0, BV)
-        tl.store(gm + V + o_k[:, None] * W + o_c[None, :], b_m, mask=m_k[:, None] & (o_c < K)[None, :])
+        b_x = _m_chain(k, w, g, T, i_c - NV, H, HV, K, BT, BK, BV, PRECISION)
+    _store_columns(gm + i_nh * K * W, b_x, i_c, NV, K, V, W, BK, BV)
 
 
 _launch_fwd = autotuned(chunk_summary_fwd_kernel, _CONFIGS, _KEY)
