@@ -2,10 +2,12 @@
 
     python scripts/kernel_resources.py                  # sm_90 (H100/H200), every shape/dtype/config
     python scripts/kernel_resources.py --arch 80 --shapes main
+    python scripts/kernel_resources.py --default-only    # what an untuned launch compiles to
+    python scripts/kernel_resources.py --dtypes bf16 --fla  # and FLA's own fwd_h kernel for reference
 
 Triton compiles for a named target on any machine (its wheel carries LLVM and ptxas), so the cost a
 kernel pays in registers is known before a GPU is at hand. For each summary kernel (forward `[H|M]`,
-backward `[G|M]`), shape, input dtype, with/without the M columns and each autotuning config, this
+backward `[G|M]`), shape, input dtype and each autotuning config the shape allows, this
 prints what `ptxas -v` reports: registers per thread, spill stores, stack, and whether ptxas had to
 serialise the Hopper wgmma instructions for lack of registers. Spills and serialised wgmma are the
 things to avoid in the configs the autotuner can pick, and above all in the first (untuned) one.
@@ -37,10 +39,10 @@ SHAPES = {
 TYPES = {"bf16": "*bf16", "fp32": "*fp32"}
 
 
-def compile_kernel(kind: str, shape: dict, dtype: str, with_m: bool, config: triton.Config, arch: int):
-    """Compile one variant exactly as `chunk_summary_fwd/_bwd` would launch it."""
+def compile_kernel(kind: str, shape: dict, dtype: str, config: triton.Config, arch: int):
+    """Compile one variant exactly as `chunk_summary_fwd/_bwd` would launch it (with the M columns:
+    one kernel holds both the H/G and the M branch, so M changes nothing in the compiled code)."""
     K, V = shape["K"], shape["V"]
-    BK, BV = cs._blocks(K, V)
     x = TYPES[dtype]
     if kind == "fwd":
         fn = cs.chunk_summary_fwd_kernel
@@ -48,12 +50,40 @@ def compile_kernel(kind: str, shape: dict, dtype: str, with_m: bool, config: tri
     else:
         fn = cs.chunk_summary_bwd_kernel
         sig = dict(q=x, k=x, w=x, g="*fp32", do=x, gm="*fp32", cu_seqlens="*i64", seg_ids="*i32", scale="fp32")
-    const = dict(H=shape["H"], HV=shape["HV"], K=K, V=V, W=V + K if with_m else V, BT=64, BK=BK, BV=BV,
-                 NV=triton.cdiv(V, BV), WITH_M=with_m, FP32_STATE=dtype == "fp32", PRECISION=FP32_DOT_PRECISION)
+    const = dict(H=shape["H"], HV=shape["HV"], K=K, V=V, W=V + K, BT=64, BK=cs._block_k(K), **config.kwargs,
+                 WITH_M=True, FP32_STATE=dtype == "fp32", PRECISION=FP32_DOT_PRECISION)
     sig.update({name: "constexpr" for name in const})
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in const.items()})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages)), BK, BV
+                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+
+
+def configs_for(K: int) -> list[triton.Config]:
+    """The configs the autotuner would try for this K (after `chunk_summary._prune`)."""
+    return cs._prune(cs._CONFIGS, {}, BK=cs._block_k(K))
+
+
+def compile_fla_fwd_h(shape: dict, config: triton.Config, arch: int):
+    """FLA's own state pass (`chunk_gated_delta_rule_fwd_kernel_h_blockdim64`, bf16, varlen, with h0 and
+    final state) on the same shape: the reference for what a chunk-walking state kernel costs."""
+    from fla.ops.common import chunk_delta_h
+    fn = chunk_delta_h.chunk_gated_delta_rule_fwd_kernel_h_blockdim64
+    while not isinstance(fn, triton.runtime.jit.JITFunction):   # under FLA's autotune / heuristics
+        fn = fn.fn
+    ptrs = dict(k="*bf16", v="*bf16", w="*bf16", v_new="*bf16", g="*fp32", h="*bf16", h0="*fp32", ht="*fp32",
+                cu_seqlens="*i32", chunk_offsets="*i32", T="i32")
+    const = dict(gk=None, H=shape["H"], HV=shape["HV"], K=shape["K"], V=shape["V"], BT=64, **config.kwargs,
+                 USE_G=True, USE_GK=False, USE_INITIAL_STATE=True, STORE_FINAL_STATE=True, SAVE_NEW_VALUE=True,
+                 IS_VARLEN=True, STATE_V_FIRST=False)
+    sig = {n: ptrs.get(n, "constexpr") for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+
+
+# FLA 0.6's fwd_h configs on Hopper: BV in {32, 64}, num_warps in {2, 4}, num_stages in {2, 3, 4}
+# (2 warps left out: Triton caps those at 32 registers here and the report is all spills)
+FLA_FWD_H_CONFIGS = [triton.Config({"BV": bv}, num_warps=4, num_stages=s) for bv in (32, 64) for s in (2, 3)]
 
 
 def ptxas_report(ptx: str, arch: int) -> dict:
@@ -78,27 +108,38 @@ def main(argv=None):
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (80 = A100, 90 = H100/H200)")
     p.add_argument("--shapes", type=lambda s: s.split(","), default=list(SHAPES))
     p.add_argument("--dtypes", type=lambda s: s.split(","), default=list(TYPES))
+    p.add_argument("--default-only", action="store_true", help="only the untuned default config")
+    p.add_argument("--fla", action="store_true", help="also FLA's fwd_h kernel on each shape, for reference")
     args = p.parse_args(argv)
-    header = f"{'kernel':6} {'shape':6} {'dtype':5} {'M':2} {'BK':>4} {'BV':>3} {'warps':>5} {'stages':>6} " \
+    header = f"{'kernel':6} {'shape':6} {'dtype':5} {'BK':>4} {'BV':>3} {'warps':>5} {'stages':>6} " \
              f"{'regs':>4} {'spill B':>7} {'stack B':>7} {'smem KiB':>8}  note"
     print(f"# sm_{args.arch} | triton {triton.__version__} | fp32 dots: {FP32_DOT_PRECISION} | "
-          f"first config = untuned default (FLA_CP_AUTOTUNE=0)")
+          f"default = the untuned first config (FLA_CP_AUTOTUNE=0)")
     print(header)
     print("-" * len(header))
     rows = []
     for kind in ("fwd", "bwd"):
         for name in args.shapes:
             for dtype in args.dtypes:
-                for with_m in (False, True):
-                    for i, config in enumerate(cs._CONFIGS):
-                        cc, BK, BV = compile_kernel(kind, SHAPES[name], dtype, with_m, config, args.arch)
-                        r = ptxas_report(cc.asm["ptx"], args.arch)
-                        note = ("default " if i == 0 else "") + ("wgmma serialized" if r["wgmma_serialized"] else "")
-                        rows.append(dict(kind=kind, shape=name, dtype=dtype, with_m=with_m, config=config, **r,
-                                         smem=cc.metadata.shared))
-                        print(f"{kind:6} {name:6} {dtype:5} {'y' if with_m else 'n':2} {BK:>4} {BV:>3} "
-                              f"{config.num_warps:>5} {config.num_stages:>6} {r['regs']:>4} {r['spill']:>7} "
-                              f"{r['stack']:>7} {cc.metadata.shared / 1024:>8.1f}  {note}", flush=True)
+                configs = configs_for(SHAPES[name]["K"])
+                for config in configs[:1] if args.default_only else configs:
+                    cc = compile_kernel(kind, SHAPES[name], dtype, config, args.arch)
+                    r = ptxas_report(cc.asm["ptx"], args.arch)
+                    note = ("default " if config is cs._CONFIGS[0] else "") + \
+                        ("wgmma serialized" if r["wgmma_serialized"] else "")
+                    rows.append(dict(kind=kind, shape=name, dtype=dtype, config=config, **r, smem=cc.metadata.shared))
+                    print(f"{kind:6} {name:6} {dtype:5} {cs._block_k(SHAPES[name]['K']):>4} "
+                          f"{config.kwargs['BV']:>3} {config.num_warps:>5} {config.num_stages:>6} {r['regs']:>4} "
+                          f"{r['spill']:>7} {r['stack']:>7} {cc.metadata.shared / 1024:>8.1f}  {note}", flush=True)
+    if args.fla:
+        for name in args.shapes:
+            for config in FLA_FWD_H_CONFIGS:
+                cc = compile_fla_fwd_h(SHAPES[name], config, args.arch)
+                r = ptxas_report(cc.asm["ptx"], args.arch)
+                print(f"{'FLAh':6} {name:6} {'bf16':5} {'64x' + str(triton.cdiv(SHAPES[name]['K'], 64)):>4} "
+                      f"{config.kwargs['BV']:>3} {config.num_warps:>5} {config.num_stages:>6} {r['regs']:>4} "
+                      f"{r['spill']:>7} {r['stack']:>7} {cc.metadata.shared / 1024:>8.1f}  "
+                      f"FLA chunk_gated_delta_rule_fwd_h", flush=True)
     return rows
 
 

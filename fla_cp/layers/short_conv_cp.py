@@ -10,8 +10,9 @@ over the group and hands each rank the gradient of its own tails: halo gradients
 
 The convolution itself is written as a gather of explicit windows (`[N, W, D]`) and a weighted sum,
 which handles packed segments, per-segment initial states (halo or decode cache) and final states in
-one vectorised pass on any device; the windows are recomputed in backward rather than kept. Its math is FLA's `causal_conv1d`: `y_t = act(sum_j w[:, j] *
-x_{t-W+1+j} + b)`, with a cache `[N, D, W]` holding a sequence's last W inputs (oldest first).
+one vectorised pass on any device; the windows are recomputed in backward rather than kept. Its math
+is FLA's `causal_conv1d`: `y_t = act(sum_j w[:, j] * x_{t-W+1+j} + b)`, with a cache `[N, D, W]`
+holding a sequence's last W inputs (oldest first).
 """
 from __future__ import annotations
 
@@ -135,7 +136,6 @@ def conv_halo(x: torch.Tensor, cp_context, W: int) -> torch.Tensor | None:
         return None
     B, _, D = x.shape
     H = W - 1
-    nlp = len(cp.local_parts)
     # The last W-1 inputs of each local part (left-padded with zeros when the part is shorter).
     tails, offset = [], 0
     for j in cp.local_parts:

@@ -35,9 +35,21 @@ import triton.language as tl
 
 from fla_cp.ops.triton.utils import FP32_DOT_PRECISION, autotuned
 
-# the first config is the untuned default (FLA_CP_AUTOTUNE=0)
-_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 1), (2, 2), (8, 2), (4, 3), (8, 1))]
-_KEY = ['H', 'HV', 'K', 'V', 'W', 'BT', 'BK', 'BV', 'WITH_M', 'FP32_STATE']
+# BV (columns of the state tile a program owns) is tuned with the launch shape: a program keeps a
+# [BK, BV] fp32 tile plus its [BT, BK] loads in registers, and smaller BV also means more programs
+# for the one-segment, few-head launches CP makes. `scripts/kernel_resources.py` prints what each
+# config costs in registers and spills (sm_90, no GPU needed); the first config, the untuned default
+# (FLA_CP_AUTOTUNE=0), is the one that spilled least across the bf16 shapes there.
+_CONFIGS = [triton.Config({'BV': bv}, num_warps=w, num_stages=s)
+            for bv, w, s in ((32, 8, 1), (16, 4, 1), (32, 4, 1), (16, 8, 1), (64, 8, 1), (32, 8, 2), (64, 4, 2))]
+_KEY = ['H', 'HV', 'K', 'V', 'W', 'BT', 'BK', 'WITH_M', 'FP32_STATE']
+_MAX_TILE = 8192   # BK * BV fp32 state elements per program; larger tiles only spill
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose state tile cannot stay in registers for this K (they are slow, and slow to compile)."""
+    BK = {**named_args, **kwargs}['BK']
+    return [c for c in configs if BK * c.kwargs['BV'] <= _MAX_TILE] or configs[:1]
 
 
 @triton.jit
@@ -185,9 +197,10 @@ def _store_columns(out, b_x, i_c, NV: tl.constexpr, K: tl.constexpr, V: tl.const
 def chunk_summary_fwd_kernel(
     k, w, u, g, hm, cu_seqlens, seg_ids,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     WITH_M: tl.constexpr, FP32_STATE: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    NV: tl.constexpr = (V + BV - 1) // BV   # column blocks of H / G; those of M follow
     i_c, i_nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_h, bos, T = _segment(cu_seqlens, seg_ids, i_nh, HV)
     # GVA: value head i_h reads key head i_h // (HV // H); w is already per value head
@@ -206,9 +219,10 @@ def chunk_summary_fwd_kernel(
 def chunk_summary_bwd_kernel(
     q, k, w, g, do, gm, cu_seqlens, seg_ids, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     WITH_M: tl.constexpr, FP32_STATE: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    NV: tl.constexpr = (V + BV - 1) // BV   # column blocks of H / G; those of M follow
     i_c, i_nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_h, bos, T = _segment(cu_seqlens, seg_ids, i_nh, HV)
     q += (bos * H + i_h // (HV // H)) * K
@@ -223,15 +237,17 @@ def chunk_summary_bwd_kernel(
     _store_columns(gm + i_nh * K * W, b_x, i_c, NV, K, V, W, BK, BV)
 
 
-_launch_fwd = autotuned(chunk_summary_fwd_kernel, _CONFIGS, _KEY)
-_launch_bwd = autotuned(chunk_summary_bwd_kernel, _CONFIGS, _KEY)
+_launch_fwd = autotuned(chunk_summary_fwd_kernel, _CONFIGS, _KEY, prune=_prune)
+_launch_bwd = autotuned(chunk_summary_bwd_kernel, _CONFIGS, _KEY, prune=_prune)
 
 
-def _blocks(K: int, V: int) -> tuple[int, int]:
-    BK = max(16, triton.next_power_of_2(K))
-    # a [BK, BV] fp32 tile per program: keep it at most 128x64 so it stays in registers
-    BV = max(16, min(64, 8192 // BK, triton.next_power_of_2(max(K, V))))
-    return BK, BV
+def _block_k(K: int) -> int:
+    return max(16, triton.next_power_of_2(K))
+
+
+def _grid(n: int, HV: int, K: int, V: int, with_m: bool):
+    """(column blocks of H or G, then of M; segments x value heads), for the launch's BV."""
+    return lambda meta: (triton.cdiv(V, meta['BV']) + (triton.cdiv(K, meta['BV']) if with_m else 0), n * HV)
 
 
 def _segment_ids(segments, device) -> torch.Tensor:
@@ -260,16 +276,14 @@ def chunk_summary_fwd(
     """
     _, _, H, K = k.shape
     HV, V = u.shape[2], u.shape[3]
-    BK, BV = _blocks(K, V)
-    NV = triton.cdiv(V, BV)
     n = len(segments)
     hm = torch.empty(n, HV, K, V + K if with_m else V, dtype=torch.float32, device=k.device)
     if n == 0:
         return hm
-    grid = (NV + (triton.cdiv(K, BV) if with_m else 0), n * HV)
     _launch_fwd(
-        grid, k=k, w=w, u=u, g=g, hm=hm, cu_seqlens=cu_seqlens, seg_ids=_segment_ids(segments, k.device),
-        H=H, HV=HV, K=K, V=V, W=hm.shape[-1], BT=chunk_size, BK=BK, BV=BV, NV=NV, WITH_M=with_m,
+        _grid(n, HV, K, V, with_m), k=k, w=w, u=u, g=g, hm=hm, cu_seqlens=cu_seqlens,
+        seg_ids=_segment_ids(segments, k.device),
+        H=H, HV=HV, K=K, V=V, W=hm.shape[-1], BT=chunk_size, BK=_block_k(K), WITH_M=with_m,
         FP32_STATE=k.dtype == torch.float32, PRECISION=FP32_DOT_PRECISION,
     )
     return hm
@@ -297,17 +311,14 @@ def chunk_summary_bwd(
     """
     _, _, H, K = k.shape
     HV, V = do.shape[2], do.shape[3]
-    BK, BV = _blocks(K, V)
-    NV = triton.cdiv(V, BV)
     n = len(segments)
     gm = torch.empty(n, HV, K, V + K if with_m else V, dtype=torch.float32, device=k.device)
     if n == 0:
         return gm
-    grid = (NV + (triton.cdiv(K, BV) if with_m else 0), n * HV)
     _launch_bwd(
-        grid, q=q, k=k, w=w, g=g, do=do, gm=gm, cu_seqlens=cu_seqlens,
+        _grid(n, HV, K, V, with_m), q=q, k=k, w=w, g=g, do=do, gm=gm, cu_seqlens=cu_seqlens,
         seg_ids=_segment_ids(segments, k.device), scale=scale,
-        H=H, HV=HV, K=K, V=V, W=gm.shape[-1], BT=chunk_size, BK=BK, BV=BV, NV=NV, WITH_M=with_m,
+        H=H, HV=HV, K=K, V=V, W=gm.shape[-1], BT=chunk_size, BK=_block_k(K), WITH_M=with_m,
         FP32_STATE=k.dtype == torch.float32, PRECISION=FP32_DOT_PRECISION,
     )
     return gm

@@ -28,23 +28,27 @@ def autotune_enabled() -> bool:
     return os.environ.get('FLA_CP_AUTOTUNE', '1') != '0'
 
 
-def autotuned(kernel, configs: list[triton.Config], key: list[str]):
+def autotuned(kernel, configs: list[triton.Config], key: list[str], prune=None):
     """Return `launch(grid, **kwargs)` that autotunes `kernel` on a GPU and runs it plain under
-    the interpreter (num_warps / num_stages mean nothing there). The autotuner is built on the
-    first compiled launch, so importing on a machine without a GPU driver never touches one.
-    Tuning results are cached on disk where Triton supports it, so gloo ranks in separate
-    processes tune once."""
+    the interpreter (num_warps / num_stages mean nothing there). `grid` may be a function of the
+    launch's meta-parameters (kwargs plus the config's, e.g. a tuned block size). Untuned launches
+    take the first config. The autotuner is built on the first compiled launch, so importing on a
+    machine without a GPU driver never touches one. Tuning results are cached on disk where Triton
+    supports it, so gloo ranks in separate processes tune once. `prune(configs, named_args, **kwargs)`
+    drops configs unfit for a launch before tuning (Triton's `early_config_prune`)."""
     from triton.runtime.interpreter import InterpretedFunction
     interpreted = isinstance(kernel, InterpretedFunction)
     cache = {'cache_results': True} if 'cache_results' in inspect.signature(triton.autotune).parameters else {}
     tuned = []
 
     def launch(grid, **kwargs):
-        if interpreted:
-            return kernel[grid](**kwargs)
-        if not autotune_enabled():
-            return kernel[grid](**kwargs, num_warps=configs[0].num_warps, num_stages=configs[0].num_stages)
+        if interpreted or not autotune_enabled():
+            first = configs[0]
+            meta = {**kwargs, **first.kwargs}
+            extra = {} if interpreted else {'num_warps': first.num_warps, 'num_stages': first.num_stages}
+            return kernel[grid(meta) if callable(grid) else grid](**meta, **extra)
         if not tuned:
-            tuned.append(triton.autotune(configs=configs, key=key, **cache)(kernel))
+            pruning = {'prune_configs_by': {'early_config_prune': prune}} if prune else {}
+            tuned.append(triton.autotune(configs=configs, key=key, **pruning, **cache)(kernel))
         return tuned[0][grid](**kwargs)
     return launch
