@@ -10,7 +10,8 @@ receive: all summaries are computed first (untimed), gathered in memory, and fol
 orchestration does; then each distinct rank role (first, middle, last) is timed on its own shard:
 
     ours fwd      prepare -> summarize (if it sends) -> fold (torch bmm) -> forward(h0)
-    ours fwd+bwd  the above + prepare(for_backward) -> state_grad (if it received) -> fold -> backward
+    ours fwd+bwd  the above + prepare(for_backward: w, u from the kept gate cumsum and A) -> state_grad
+                  (if it received) -> fold -> backward
     FLA plain     fla.ops.gated_delta_rule.chunk_gated_delta_rule on the whole T (the P = 1 baseline)
     FLA CP        what FLA 0.6 runs per rank with a cp_context, minus its collectives (which need a
                   real group): its plain op on the shard, fed the states its CP kernels produce:
@@ -215,9 +216,10 @@ class OursRanks:
         self.do = [do[:, r * n:(r + 1) * n].contiguous() for r in range(P)]
         self.with_m = summary_with_m(P)
         # the exact exchange: every rank's summaries, as all_gather would deliver them
-        self.fwd_summ, self.bwd_summ = [None] * P, [None] * P
+        self.fwd_summ, self.bwd_summ, self.kept = [None] * P, [None] * P, [None] * P
         for r in range(P):
             prep = self.be.prepare(*self.shards[r], self.cu, scale)
+            self.kept[r] = self.be.kept(prep)
             if r < P - 1:
                 self.fwd_summ[r] = self.be.summarize(prep, [0], self.with_m)
             if r > 0:
@@ -246,12 +248,13 @@ class OursRanks:
 
     def fwd(self, r):
         prep = self.be.prepare(*self.shards[r], self.cu, self.scale)
+        self.kept[r] = self.be.kept(prep)   # what the autograd Function saves for backward
         if r < self.P - 1:
             self.be.summarize(prep, [0], self.with_m)
         return self.be.forward(prep, self.fold_fwd(r))
 
     def bwd(self, r):
-        prep = self.be.prepare(*self.shards[r], self.cu, self.scale, for_backward=True)
+        prep = self.be.prepare(*self.shards[r], self.cu, self.scale, for_backward=True, kept=self.kept[r])
         if r > 0:
             self.be.state_grad(prep, self.do[r], [0], self.with_m)
         return self.be.backward(prep, self.h0[r], self.do[r], self.fold_bwd(r))
@@ -378,7 +381,7 @@ def run_config(shape_name, T, P, args, baseline_cache, device):
             prep_f = ours.be.prepare(*ours.shards[r], ours.cu, scale)
             sh = timed(lambda r=r: ours.share_fwd(r, prep_f), args.rep, device)[1]
             if backward:
-                prep_b = ours.be.prepare(*ours.shards[r], ours.cu, scale, for_backward=True)
+                prep_b = ours.be.prepare(*ours.shards[r], ours.cu, scale, for_backward=True, kept=ours.kept[r])
                 sh += timed(lambda r=r: ours.share_bwd(r, prep_b), args.rep, device)[1]
             if t > t_rank:
                 t_rank, t_share = t, sh

@@ -60,7 +60,7 @@ def compile_kernel(kind: str, shape: dict, dtype: str, config: triton.Config, ar
 
 def configs_for(K: int) -> list[triton.Config]:
     """The configs the autotuner would try for this K (after `chunk_summary._prune`)."""
-    return cs._prune(cs._CONFIGS, {}, BK=cs._block_k(K))
+    return cs._prune(cs._CONFIGS, {}, K=K)
 
 
 def compile_fla_fwd_h(shape: dict, config: triton.Config, arch: int):

@@ -207,19 +207,19 @@ class ChunkCPGatedDeltaRuleFunction(torch.autograd.Function):
                     final_state[plan.state_id(b, i)] = ht[plan.flat(b, i)]
             final_state = comm.all_reduce_sum(final_state, cp.group)
 
-        ctx.save_for_backward(q, k, v, g, beta, initial_state, incoming)
+        ctx.save_for_backward(q, k, v, g, beta, initial_state, incoming, *backend.kept(prep))
         ctx.plan, ctx.scale, ctx.backend, ctx.output_final_state = plan, scale, backend, output_final_state
         return o.reshape(*v.shape), final_state
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, initial_state, incoming = ctx.saved_tensors
+        q, k, v, g, beta, initial_state, incoming, *kept = ctx.saved_tensors
         plan, backend = ctx.plan, ctx.backend
         cp = plan.cp
         HV, K, V = v.shape[2], q.shape[3], v.shape[3]
         flat = [x.reshape(1, -1, *x.shape[2:]) for x in (q, k, v, g, beta)]
         do = do.reshape(1, -1, *do.shape[2:])
-        prep = backend.prepare(*flat, plan.flat_cu_seqlens(q.device), ctx.scale, for_backward=True)
+        prep = backend.prepare(*flat, plan.flat_cu_seqlens(q.device), ctx.scale, for_backward=True, kept=tuple(kept))
 
         # One gather carries [G | M] of the parts that received a state and, when final_state was
         # returned, every rank's gradient of it (replicated output: the true gradient is the sum).

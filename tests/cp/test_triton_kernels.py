@@ -89,8 +89,11 @@ def _check(out, ref, V, with_m, what):
 
 
 # (H, HV, K, V, segment lengths, listed segments, slow-decay heads): GVA, K != V, every K and V in
-# {16, 32, 64, 128}, packed spans with lengths off the chunk grid, subsets and unordered lists
+# {16, 32, 64, 128}, packed spans with lengths off the chunk grid, subsets and unordered lists; K over
+# 64 takes 2-4 row blocks of the state (K = 100: the last one part-masked, K = 256: FLA's default)
 CASES = [
+    (1, 1, 256, 32, [100], [0], True),
+    (1, 2, 100, 24, [80, 30], [1, 0], True),
     (1, 2, 16, 32, [70, 5, 64], [0, 1, 2], True),
     (2, 4, 32, 16, [64, 130], [1], True),
     (1, 2, 128, 64, [200, 37], [1, 0], False),
@@ -112,6 +115,12 @@ def test_summary_kernels_vs_token_reference(H, HV, K, V, lens, segments, slow):
         _check(hm, ref_fwd, V, with_m, f"fwd with_m={with_m}")
         gm = chunk_summary_bwd(q, k, w, gl, do, cu, segments, scale, with_m)
         _check(gm, ref_bwd, V, with_m, f"bwd with_m={with_m}")
+
+
+def test_summary_kernels_refuse_k_over_256():
+    q, k, v, g, beta, do, cu = _inputs(1, 1, 264, 8, [10], False, seed=0)
+    with pytest.raises(ValueError, match="K <= 256"):
+        chunk_summary_fwd(k, k, v, g, cu, [0], with_m=True)
 
 
 @pytest.mark.parametrize("chunk_size", [16, 32])

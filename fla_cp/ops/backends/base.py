@@ -12,9 +12,14 @@ with a state handed in (`h0`) and its end state may be handed on. States are fp3
 
 Methods (all fp32 in the state dimensions, whatever the input dtype):
 
-    prepare(q, k, v, g, beta, cu_seqlens, scale, for_backward=False) -> prep
+    prepare(q, k, v, g, beta, cu_seqlens, scale, for_backward=False, kept=()) -> prep
         Local work shared by every pass (gate cumsum, WY representation, ...). With
-        `for_backward=True` the prep may keep what `backward` needs (e.g. an autograd graph).
+        `for_backward=True` the prep may keep what `backward` needs (e.g. an autograd graph), and
+        `kept` is what `kept(prep)` returned for the forward's prep.
+    kept(prep) -> tuple of tensors
+        What of the forward's prep the autograd Function saves for backward, so that the backward
+        prepare need not redo all of it (the triton backend keeps FLA's gate cumsum and (I + A)^-1,
+        as FLA's own op does); may be empty.
     summarize(prep, segments, with_m) -> [n, HV, K, V (+K)]
         For each listed segment, its end state started from zero (`H`), and when `with_m` the
         transition `M` (`[..., V:]`, K x K) so that `S_end = M @ S_start + H` (DESIGN.md §1).
@@ -48,7 +53,10 @@ class LocalBackend(Protocol):
         cu_seqlens: torch.Tensor,
         scale: float,
         for_backward: bool = False,
+        kept: tuple[torch.Tensor, ...] = (),
     ) -> Any: ...
+
+    def kept(self, prep: Any) -> tuple[torch.Tensor, ...]: ...
 
     def summarize(self, prep: Any, segments: list[int], with_m: bool) -> torch.Tensor: ...
 

@@ -168,7 +168,10 @@ class TorchBackend:
     def __init__(self, chunk_size: int = CHUNK):
         self.chunk_size = chunk_size
 
-    def prepare(self, q, k, v, g, beta, cu_seqlens, scale, for_backward=False):
+    def kept(self, prep) -> tuple:
+        return ()   # backward re-runs the prep under autograd: nothing from the forward helps
+
+    def prepare(self, q, k, v, g, beta, cu_seqlens, scale, for_backward=False, kept=()):
         cu = cu_seqlens.tolist()
         if not for_backward:
             with torch.no_grad():

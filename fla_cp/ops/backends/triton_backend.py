@@ -107,11 +107,15 @@ class TritonBackend:
         return self.local_kernels == 'fla'
 
     # -- contract -------------------------------------------------------------------------------
-    def prepare(self, q, k, v, g, beta, cu_seqlens, scale, for_backward=False) -> TritonPrep:
+    def kept(self, prep: TritonPrep) -> tuple:
+        # FLA's own trade: keep the gate cumsum and (I + A)^-1 ([T, HV, BT]), recompute only w, u
+        return () if prep.local is not None else (prep.g, prep.A)
+
+    def prepare(self, q, k, v, g, beta, cu_seqlens, scale, for_backward=False, kept=()) -> TritonPrep:
         q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.long)
         if self._on_fla(q):
-            return self._prepare_fla(q, k, v, g, beta, cu_seqlens, scale)
+            return self._prepare_fla(q, k, v, g, beta, cu_seqlens, scale, kept)
         local = self.torch_backend.prepare(q, k, v, g, beta, cu_seqlens, scale, for_backward=for_backward)
         gl, w, u = fla_layout(local)
         # our kernels see fp32 here: the interpreter has no bf16 math and the delegate is fp32 inside
@@ -138,15 +142,22 @@ class TritonBackend:
         return self._backward_fla(prep, h0, do, dht)
 
     # -- FLA's chunk kernels (CUDA) ------------------------------------------------------------
-    def _prepare_fla(self, q, k, v, g, beta, cu_seqlens, scale) -> TritonPrep:
+    def _prepare_fla(self, q, k, v, g, beta, cu_seqlens, scale, kept=()) -> TritonPrep:
         from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
+        from fla.ops.gated_delta_rule.wy_fast import recompute_w_u_fwd
         from fla.ops.utils import chunk_local_cumsum
         from fla.ops.utils.index import prepare_chunk_indices
         BT = self.chunk_size
         chunk_indices = prepare_chunk_indices(cu_seqlens, BT)
-        gl = chunk_local_cumsum(g, chunk_size=BT, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
-        w, u, A = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=gl, beta=beta, cu_seqlens=cu_seqlens,
-                                                   chunk_indices=chunk_indices, chunk_size=BT)
+        if kept:   # backward: the forward's cumsum and (I + A)^-1 give w, u in one kernel
+            gl, A = kept
+            w, u = recompute_w_u_fwd(k=k, v=v, beta=beta, A=A, g=gl, cu_seqlens=cu_seqlens,
+                                     chunk_indices=chunk_indices)
+        else:
+            gl = chunk_local_cumsum(g, chunk_size=BT, scale=RCP_LN2, cu_seqlens=cu_seqlens,
+                                    chunk_indices=chunk_indices)
+            w, u, A = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=gl, beta=beta, cu_seqlens=cu_seqlens,
+                                                       chunk_indices=chunk_indices, chunk_size=BT)
         return TritonPrep(q=q, k=k, v=v, beta=beta, g=gl, w=w, u=u, cu_seqlens=cu_seqlens, scale=scale,
                           chunk_size=BT, A=A, chunk_indices=chunk_indices)
 
@@ -163,7 +174,7 @@ class TritonBackend:
 
     def _backward_fla(self, prep: TritonPrep, h0, do, dht):
         """`chunk_gated_delta_rule_bwd` of FLA 0.6 minus its cp_context branch; w, u come from the
-        backward prep (the orchestration prepares again for backward), so no recompute_w_u."""
+        backward prep (`recompute_w_u_fwd` on the kept A, as in FLA)."""
         from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_dhu, chunk_gated_delta_rule_fwd_h
         from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_bwd_dv_local
         from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd

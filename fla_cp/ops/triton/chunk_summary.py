@@ -21,7 +21,8 @@ augmented state of DESIGN.md §1), run on K/BV extra column blocks. M is never f
 K×K matrix: `kᵀ((w m) ⊙ d)` costs 2·BT·K·BV per block instead of BT·K² + K²·BV.
 
 Grid: (column blocks of H or G, then of M; segments × value heads). Program (i_c, i_nh) owns a
-[K, BV] fp32 tile of one summary and walks its segment chunk by chunk.
+[K, BV] fp32 tile of one summary, held as up to four [BK ≤ 64, BV] row blocks (K ≤ 256) like FLA's
+state kernels, and walks its segment chunk by chunk.
 
 The kernels use only Triton builtins (no `@triton.jit` helpers of `triton.language.standard` such as
 `tl.zeros` / `tl.cdiv`): those are decorated when triton is first imported, and if that happened before
@@ -36,20 +37,20 @@ import triton.language as tl
 from fla_cp.ops.triton.utils import FP32_DOT_PRECISION, autotuned
 
 # BV (columns of the state tile a program owns) is tuned with the launch shape: a program keeps a
-# [BK, BV] fp32 tile plus its [BT, BK] loads in registers, and smaller BV also means more programs
+# [K, BV] fp32 tile plus its [BT, BK] loads in registers, and smaller BV also means more programs
 # for the one-segment, few-head launches CP makes. `scripts/kernel_resources.py` prints what each
 # config costs in registers and spills (sm_90, no GPU needed); the first config, the untuned default
 # (FLA_CP_AUTOTUNE=0), is the one that spilled least across the bf16 shapes there.
 _CONFIGS = [triton.Config({'BV': bv}, num_warps=w, num_stages=s)
             for bv, w, s in ((32, 8, 1), (16, 4, 1), (32, 4, 1), (16, 8, 1), (64, 8, 1), (32, 8, 2), (64, 4, 2))]
 _KEY = ['H', 'HV', 'K', 'V', 'W', 'BT', 'BK', 'WITH_M', 'FP32_STATE']
-_MAX_TILE = 8192   # BK * BV fp32 state elements per program; larger tiles only spill
+_MAX_TILE = 8192   # K * BV fp32 state elements per program; larger tiles only spill
 
 
 def _prune(configs, named_args, **kwargs):
     """Drop configs whose state tile cannot stay in registers for this K (they are slow, and slow to compile)."""
-    BK = {**named_args, **kwargs}['BK']
-    return [c for c in configs if BK * c.kwargs['BV'] <= _MAX_TILE] or configs[:1]
+    K = {**named_args, **kwargs}['K']
+    return [c for c in configs if K * c.kwargs['BV'] <= _MAX_TILE] or configs[:1]
 
 
 @triton.jit
@@ -63,67 +64,90 @@ def _chunk_gate(g, i_t, T, HV: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
-def _m_chain(k, w, g, T, i_m, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
-             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-    """Columns [i_m*BV, i_m*BV+BV) of the span transition M = M_NT ⋯ M_1, in fp32 throughout.
-
-    k, w, g point at the segment's first token of this head. Returns [BK, BV] fp32.
-    """
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    o_c = i_m * BV + tl.arange(0, BV)
-    # an unchanged incoming state is the identity before any chunk is applied
-    b_m = tl.where(o_k[:, None] == o_c[None, :], 1., 0.)
-    for i_t in range((T + BT - 1) // BT):
-        o_t, m_t, b_g, b_g_last = _chunk_gate(g, i_t, T, HV, BT)
-        b_w = tl.load(w + o_t[:, None] * (HV * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_k = tl.load(k + o_k[:, None] + o_t[None, :] * (H * K), mask=m_k[:, None] & m_t[None, :], other=0.)
-        # bf16 inputs are exact in fp32; only the products need the fp32-accurate dot
-        b_y = tl.dot(b_w.to(tl.float32), b_m, input_precision=PRECISION)
-        b_y = b_y * tl.where(m_t, tl.math.exp2(b_g_last - b_g), 0.)[:, None]
-        b_m = b_m * tl.math.exp2(b_g_last) - tl.dot(b_k.to(tl.float32), b_y, input_precision=PRECISION)
-    return b_m
+def _tokens_by_features(p, r0, o_t, m_t, stride, K: tl.constexpr, BK: tl.constexpr):
+    """[BT, BK] tile of a token-major head view (row stride `stride`): feature rows r0 .. r0+BK."""
+    o_k = r0 + tl.arange(0, BK)
+    return tl.load(p + o_t[:, None] * stride + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.)
 
 
 @triton.jit
-def _h_chain(k, w, u, g, T, i_v, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-             FP32_STATE: tl.constexpr, PRECISION: tl.constexpr):
-    """Columns [i_v*BV, i_v*BV+BV) of H, the segment's end state started from zero. Returns [BK, BV].
+def _features_by_tokens(p, r0, o_t, m_t, stride, K: tl.constexpr, BK: tl.constexpr):
+    """The transposed tile, [BK, BT]."""
+    o_k = r0 + tl.arange(0, BK)
+    return tl.load(p + o_k[:, None] + o_t[None, :] * stride, mask=(o_k < K)[:, None] & m_t[None, :], other=0.)
 
-    With 16-bit inputs the state is rounded to the input dtype inside the dots exactly as FLA's
-    `chunk_gated_delta_rule_fwd_h` does (H only feeds that same 16-bit pipeline); fp32 inputs get
-    fp32-accurate dots so the summary matches an fp32 reference to ~1e-6.
+
+@triton.jit
+def _dot(a, b, EXACT: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b, fp32 result. EXACT: fp32-accurate dots on fp32 operands; else in a's 16-bit dtype, as
+    FLA's kernels round the state inside their dots (the caller casts a when it is computed)."""
+    if EXACT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+    else:
+        return tl.dot(a, b.to(a.dtype))
+
+
+@triton.jit
+def _start_block(r0, o_c, IS_M: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Rows r0 .. r0+BK of the start state: the identity's (M) or zeros (H, G)."""
+    if IS_M:
+        return tl.where((r0 + tl.arange(0, BK))[:, None] == o_c[None, :], 1., 0.)
+    else:
+        return tl.full([BK, BV], 0., dtype=tl.float32)
+
+
+@triton.jit
+def _forward_chain(k, w, u, g, T, o_c, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_M: tl.constexpr,
+                   EXACT: tl.constexpr, PRECISION: tl.constexpr):
+    """Columns o_c of H (the segment's end state started from zero) or, IS_M, of M (its transition:
+    started from the identity with zero values), as up to four [BK, BV] fp32 row blocks.
+
+    The state is held as K/BK row blocks, as FLA's `chunk_gated_delta_rule_fwd_h` holds it: the
+    [BT, K] loads then come in [BT, BK] pieces and a K = 256 state fits the registers (blocks past K
+    are never touched). H with 16-bit inputs rounds the state inside the dots exactly as FLA's fwd_h
+    (H only feeds that same 16-bit pipeline); fp32 inputs and M get fp32-accurate dots, so
+    summaries match an fp32 reference to ~1e-6.
     """
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    b_h = tl.full([BK, BV], 0., dtype=tl.float32)
+    b_h1 = _start_block(0, o_c, IS_M, BK, BV)
+    b_h2 = _start_block(BK, o_c, IS_M, BK, BV)
+    b_h3 = _start_block(2 * BK, o_c, IS_M, BK, BV)
+    b_h4 = _start_block(3 * BK, o_c, IS_M, BK, BV)
     for i_t in range((T + BT - 1) // BT):
         o_t, m_t, b_g, b_g_last = _chunk_gate(g, i_t, T, HV, BT)
-        b_w = tl.load(w + o_t[:, None] * (HV * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_k = tl.load(k + o_k[:, None] + o_t[None, :] * (H * K), mask=m_k[:, None] & m_t[None, :], other=0.)
-        b_u = tl.load(u + o_t[:, None] * (HV * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-        if FP32_STATE:
-            b_v = b_u - tl.dot(b_w, b_h, input_precision=PRECISION)
+        # the delta-rule residual u - w h of every token of the chunk
+        if IS_M:
+            b_v = tl.full([BT, BV], 0., dtype=tl.float32)
         else:
-            b_v = b_u.to(tl.float32) - tl.dot(b_w, b_h.to(b_w.dtype))
-        # the delta-rule residual decays from its token to the chunk end
+            b_v = tl.load(u + o_t[:, None] * (HV * V) + o_c[None, :], mask=m_t[:, None] & (o_c < V)[None, :],
+                          other=0.).to(tl.float32)
+        b_v -= _dot(_tokens_by_features(w, 0, o_t, m_t, HV * K, K, BK), b_h1, EXACT, PRECISION)
+        if K > BK:
+            b_v -= _dot(_tokens_by_features(w, BK, o_t, m_t, HV * K, K, BK), b_h2, EXACT, PRECISION)
+        if K > 2 * BK:
+            b_v -= _dot(_tokens_by_features(w, 2 * BK, o_t, m_t, HV * K, K, BK), b_h3, EXACT, PRECISION)
+        if K > 3 * BK:
+            b_v -= _dot(_tokens_by_features(w, 3 * BK, o_t, m_t, HV * K, K, BK), b_h4, EXACT, PRECISION)
+        # ... decays from its token to the chunk end, then is written into the state
         b_v = b_v * tl.where(m_t, tl.math.exp2(b_g_last - b_g), 0.)[:, None]
-        b_h = b_h * tl.math.exp2(b_g_last)
-        if FP32_STATE:
-            b_h += tl.dot(b_k, b_v, input_precision=PRECISION)
-        else:
-            b_h = tl.dot(b_k, b_v.to(b_k.dtype), b_h)
-    return b_h
+        b_decay = tl.math.exp2(b_g_last)
+        b_h1 = b_h1 * b_decay + _dot(_features_by_tokens(k, 0, o_t, m_t, H * K, K, BK), b_v, EXACT, PRECISION)
+        if K > BK:
+            b_h2 = b_h2 * b_decay + _dot(_features_by_tokens(k, BK, o_t, m_t, H * K, K, BK), b_v, EXACT, PRECISION)
+        if K > 2 * BK:
+            b_h3 = b_h3 * b_decay + _dot(_features_by_tokens(k, 2 * BK, o_t, m_t, H * K, K, BK), b_v,
+                                         EXACT, PRECISION)
+        if K > 3 * BK:
+            b_h4 = b_h4 * b_decay + _dot(_features_by_tokens(k, 3 * BK, o_t, m_t, H * K, K, BK), b_v,
+                                         EXACT, PRECISION)
+    return b_h1, b_h2, b_h3, b_h4
 
 
 @triton.jit
-def _g_chain(q, k, w, g, do, T, i_v, scale, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+def _g_chain(q, k, w, g, do, T, o_c, scale, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
              V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-             FP32_STATE: tl.constexpr, PRECISION: tl.constexpr):
-    """Columns [i_v*BV, i_v*BV+BV) of G = dS_start with dS_end = 0. Returns [BK, BV].
+             EXACT: tl.constexpr, PRECISION: tl.constexpr):
+    """Columns o_c of G = dS_start with dS_end = 0, as up to four [BK, BV] fp32 row blocks.
 
     Reverse pass of FLA's `chunk_gated_delta_rule_bwd_dhu` with the intra-chunk value gradient
     (`chunk_bwd_dv_local`) fused in, so the summary needs `do` only:
@@ -131,42 +155,57 @@ def _g_chain(q, k, w, g, do, T, i_v, scale, H: tl.constexpr, HV: tl.constexpr, K
         dv = tril_t≤s(scale · k qᵀ ⊙ exp2(g_s − g_t)) do + (k dh) ⊙ d
         dh ← exp2(g_last) dh + scale · (q ⊙ exp2(g))ᵀ do − wᵀ dv
     """
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    b_dh = tl.full([BK, BV], 0., dtype=tl.float32)
+    b_dh1 = tl.full([BK, BV], 0., dtype=tl.float32)
+    b_dh2 = tl.full([BK, BV], 0., dtype=tl.float32)
+    b_dh3 = tl.full([BK, BV], 0., dtype=tl.float32)
+    b_dh4 = tl.full([BK, BV], 0., dtype=tl.float32)
     for i_t in range((T + BT - 1) // BT - 1, -1, -1):
         o_t, m_t, b_g, b_g_last = _chunk_gate(g, i_t, T, HV, BT)
-        b_k = tl.load(k + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_qt = tl.load(q + o_k[:, None] + o_t[None, :] * (H * K), mask=m_k[:, None] & m_t[None, :], other=0.)
-        b_wt = tl.load(w + o_k[:, None] + o_t[None, :] * (HV * K), mask=m_k[:, None] & m_t[None, :], other=0.)
-        b_do = tl.load(do + o_t[:, None] * (HV * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_do = tl.load(do + o_t[:, None] * (HV * V) + o_c[None, :], mask=m_t[:, None] & (o_c < V)[None, :], other=0.)
+
+        # k qᵀ and k dh, summed over the row blocks
+        b_k = _tokens_by_features(k, 0, o_t, m_t, H * K, K, BK)
+        b_A = _dot(b_k, _features_by_tokens(q, 0, o_t, m_t, H * K, K, BK), EXACT, PRECISION)
+        b_kdh = _dot(b_k, b_dh1, EXACT, PRECISION)
+        if K > BK:
+            b_k = _tokens_by_features(k, BK, o_t, m_t, H * K, K, BK)
+            b_A += _dot(b_k, _features_by_tokens(q, BK, o_t, m_t, H * K, K, BK), EXACT, PRECISION)
+            b_kdh += _dot(b_k, b_dh2, EXACT, PRECISION)
+        if K > 2 * BK:
+            b_k = _tokens_by_features(k, 2 * BK, o_t, m_t, H * K, K, BK)
+            b_A += _dot(b_k, _features_by_tokens(q, 2 * BK, o_t, m_t, H * K, K, BK), EXACT, PRECISION)
+            b_kdh += _dot(b_k, b_dh3, EXACT, PRECISION)
+        if K > 3 * BK:
+            b_k = _tokens_by_features(k, 3 * BK, o_t, m_t, H * K, K, BK)
+            b_A += _dot(b_k, _features_by_tokens(q, 3 * BK, o_t, m_t, H * K, K, BK), EXACT, PRECISION)
+            b_kdh += _dot(b_k, b_dh4, EXACT, PRECISION)
 
         # token t's value feeds the outputs of tokens s >= t of its chunk; the exponent is masked
         # before exp2 so that s < t (positive exponents) can never overflow
         m_A = (o_t[:, None] <= o_t[None, :]) & m_t[:, None] & m_t[None, :]
-        b_decay = tl.where(m_t, tl.math.exp2(b_g_last - b_g), 0.)
-        if FP32_STATE:
-            b_A = tl.dot(b_k, b_qt, input_precision=PRECISION) * scale
-            b_A = tl.where(m_A, b_A * tl.math.exp2(tl.where(m_A, b_g[None, :] - b_g[:, None], 0.)), 0.)
-            b_dv = tl.dot(b_A, b_do, input_precision=PRECISION)
-            b_dv += tl.dot(b_k, b_dh, input_precision=PRECISION) * b_decay[:, None]
-        else:
-            b_A = tl.dot(b_k, b_qt) * scale
-            b_A = tl.where(m_A, b_A * tl.math.exp2(tl.where(m_A, b_g[None, :] - b_g[:, None], 0.)), 0.)
-            b_dv = tl.dot(b_A.to(b_do.dtype), b_do)
-            b_dv += tl.dot(b_k, b_dh.to(b_k.dtype)) * b_decay[:, None]
+        b_A = tl.where(m_A, b_A * scale * tl.math.exp2(tl.where(m_A, b_g[None, :] - b_g[:, None], 0.)), 0.)
+        b_dv = _dot(b_A.to(b_do.dtype), b_do, EXACT, PRECISION)
+        b_dv += b_kdh * tl.where(m_t, tl.math.exp2(b_g_last - b_g), 0.)[:, None]
 
-        b_qt = b_qt * tl.math.exp2(b_g)[None, :]
-        b_dh = b_dh * tl.math.exp2(b_g_last)
-        if FP32_STATE:
-            b_dh += tl.dot(b_qt, b_do, input_precision=PRECISION) * scale
-            b_dh -= tl.dot(b_wt, b_dv, input_precision=PRECISION)
-        else:
-            b_dh += tl.dot(b_qt.to(b_do.dtype), b_do) * scale
-            b_dh -= tl.dot(b_wt, b_dv.to(b_wt.dtype))
-    return b_dh
+        # dh of the chunk start, row block by row block
+        b_qg = tl.math.exp2(b_g)[None, :]
+        b_decay = tl.math.exp2(b_g_last)
+        b_dh1 = b_dh1 * b_decay + scale * _dot((_features_by_tokens(q, 0, o_t, m_t, H * K, K, BK) * b_qg)
+                                               .to(b_do.dtype), b_do, EXACT, PRECISION) \
+            - _dot(_features_by_tokens(w, 0, o_t, m_t, HV * K, K, BK), b_dv, EXACT, PRECISION)
+        if K > BK:
+            b_dh2 = b_dh2 * b_decay + scale * _dot((_features_by_tokens(q, BK, o_t, m_t, H * K, K, BK) * b_qg)
+                                                   .to(b_do.dtype), b_do, EXACT, PRECISION) \
+                - _dot(_features_by_tokens(w, BK, o_t, m_t, HV * K, K, BK), b_dv, EXACT, PRECISION)
+        if K > 2 * BK:
+            b_dh3 = b_dh3 * b_decay + scale * _dot((_features_by_tokens(q, 2 * BK, o_t, m_t, H * K, K, BK) * b_qg)
+                                                   .to(b_do.dtype), b_do, EXACT, PRECISION) \
+                - _dot(_features_by_tokens(w, 2 * BK, o_t, m_t, HV * K, K, BK), b_dv, EXACT, PRECISION)
+        if K > 3 * BK:
+            b_dh4 = b_dh4 * b_decay + scale * _dot((_features_by_tokens(q, 3 * BK, o_t, m_t, H * K, K, BK) * b_qg)
+                                                   .to(b_do.dtype), b_do, EXACT, PRECISION) \
+                - _dot(_features_by_tokens(w, 3 * BK, o_t, m_t, HV * K, K, BK), b_dv, EXACT, PRECISION)
+    return b_dh1, b_dh2, b_dh3, b_dh4
 
 
 @triton.jit
@@ -179,18 +218,22 @@ def _segment(cu_seqlens, seg_ids, i_nh, HV: tl.constexpr):
 
 
 @triton.jit
-def _store_columns(out, b_x, i_c, NV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr):
-    """Store tile `b_x` [BK, BV] of one summary `[K, W]`: column block i_c of H / G (i_c < NV), or
-    column block i_c - NV of M, which sits after the V state columns."""
-    o_k = tl.arange(0, BK)
-    if i_c < NV:
-        o_c = i_c * BV + tl.arange(0, BV)
-        m_c = o_c < V
-    else:
-        o_c = V + (i_c - NV) * BV + tl.arange(0, BV)
-        m_c = o_c < V + K
+def _store_block(out, b_x, r0, o_c, m_c, K: tl.constexpr, W: tl.constexpr, BK: tl.constexpr):
+    """Rows r0 .. r0+BK, columns o_c of one summary `[K, W]`."""
+    o_k = r0 + tl.arange(0, BK)
     tl.store(out + o_k[:, None] * W + o_c[None, :], b_x, mask=(o_k < K)[:, None] & m_c[None, :])
+
+
+@triton.jit
+def _store_blocks(out, b_1, b_2, b_3, b_4, c0, o_c, m_c, K: tl.constexpr, W: tl.constexpr, BK: tl.constexpr):
+    """The row blocks of one column tile; the state columns start at c0 (0 for H/G, V for M)."""
+    _store_block(out, b_1, 0, c0 + o_c, m_c, K, W, BK)
+    if K > BK:
+        _store_block(out, b_2, BK, c0 + o_c, m_c, K, W, BK)
+    if K > 2 * BK:
+        _store_block(out, b_3, 2 * BK, c0 + o_c, m_c, K, W, BK)
+    if K > 3 * BK:
+        _store_block(out, b_4, 3 * BK, c0 + o_c, m_c, K, W, BK)
 
 
 @triton.jit
@@ -200,7 +243,7 @@ def chunk_summary_fwd_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     WITH_M: tl.constexpr, FP32_STATE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    NV: tl.constexpr = (V + BV - 1) // BV   # column blocks of H / G; those of M follow
+    NV: tl.constexpr = (V + BV - 1) // BV   # column blocks of H; those of M follow
     i_c, i_nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_h, bos, T = _segment(cu_seqlens, seg_ids, i_nh, HV)
     # GVA: value head i_h reads key head i_h // (HV // H); w is already per value head
@@ -208,11 +251,16 @@ def chunk_summary_fwd_kernel(
     w += (bos * HV + i_h) * K
     u += (bos * HV + i_h) * V
     g += bos * HV + i_h
+    hm += i_nh * K * W
     if i_c < NV:
-        b_x = _h_chain(k, w, u, g, T, i_c, H, HV, K, V, BT, BK, BV, FP32_STATE, PRECISION)
+        o_c = i_c * BV + tl.arange(0, BV)
+        b_1, b_2, b_3, b_4 = _forward_chain(k, w, u, g, T, o_c, H, HV, K, V, BT, BK, BV, False, FP32_STATE,
+                                            PRECISION)
+        _store_blocks(hm, b_1, b_2, b_3, b_4, 0, o_c, o_c < V, K, W, BK)
     else:
-        b_x = _m_chain(k, w, g, T, i_c - NV, H, HV, K, BT, BK, BV, PRECISION)
-    _store_columns(hm + i_nh * K * W, b_x, i_c, NV, K, V, W, BK, BV)
+        o_c = (i_c - NV) * BV + tl.arange(0, BV)
+        b_1, b_2, b_3, b_4 = _forward_chain(k, w, u, g, T, o_c, H, HV, K, V, BT, BK, BV, True, True, PRECISION)
+        _store_blocks(hm, b_1, b_2, b_3, b_4, V, o_c, o_c < K, K, W, BK)
 
 
 @triton.jit
@@ -222,7 +270,7 @@ def chunk_summary_bwd_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     WITH_M: tl.constexpr, FP32_STATE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    NV: tl.constexpr = (V + BV - 1) // BV   # column blocks of H / G; those of M follow
+    NV: tl.constexpr = (V + BV - 1) // BV   # column blocks of G; those of M follow
     i_c, i_nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_h, bos, T = _segment(cu_seqlens, seg_ids, i_nh, HV)
     q += (bos * H + i_h // (HV // H)) * K
@@ -230,19 +278,34 @@ def chunk_summary_bwd_kernel(
     w += (bos * HV + i_h) * K
     do += (bos * HV + i_h) * V
     g += bos * HV + i_h
+    gm += i_nh * K * W
     if i_c < NV:
-        b_x = _g_chain(q, k, w, g, do, T, i_c, scale, H, HV, K, V, BT, BK, BV, FP32_STATE, PRECISION)
+        o_c = i_c * BV + tl.arange(0, BV)
+        b_1, b_2, b_3, b_4 = _g_chain(q, k, w, g, do, T, o_c, scale, H, HV, K, V, BT, BK, BV, FP32_STATE,
+                                      PRECISION)
+        _store_blocks(gm, b_1, b_2, b_3, b_4, 0, o_c, o_c < V, K, W, BK)
     else:
-        b_x = _m_chain(k, w, g, T, i_c - NV, H, HV, K, BT, BK, BV, PRECISION)
-    _store_columns(gm + i_nh * K * W, b_x, i_c, NV, K, V, W, BK, BV)
+        # the same transition as the forward's M (DESIGN.md §3 uses its transpose)
+        o_c = (i_c - NV) * BV + tl.arange(0, BV)
+        b_1, b_2, b_3, b_4 = _forward_chain(k, w, do, g, T, o_c, H, HV, K, V, BT, BK, BV, True, True, PRECISION)
+        _store_blocks(gm, b_1, b_2, b_3, b_4, V, o_c, o_c < K, K, W, BK)
 
 
 _launch_fwd = autotuned(chunk_summary_fwd_kernel, _CONFIGS, _KEY, prune=_prune)
 _launch_bwd = autotuned(chunk_summary_bwd_kernel, _CONFIGS, _KEY, prune=_prune)
 
 
+MAX_K = 256   # four row blocks of 64, as FLA's chunk kernels
+
+
 def _block_k(K: int) -> int:
-    return max(16, triton.next_power_of_2(K))
+    """Rows of one state block: K itself up to 64 (padded to a power of two), else 64."""
+    return min(64, max(16, triton.next_power_of_2(K)))
+
+
+def _check_k(K: int):
+    if K > MAX_K:
+        raise ValueError(f"fla_cp's summary kernels take head dims K <= {MAX_K} (as FLA's chunk kernels), got K={K}")
 
 
 def _grid(n: int, HV: int, K: int, V: int, with_m: bool):
@@ -276,6 +339,7 @@ def chunk_summary_fwd(
     """
     _, _, H, K = k.shape
     HV, V = u.shape[2], u.shape[3]
+    _check_k(K)
     n = len(segments)
     hm = torch.empty(n, HV, K, V + K if with_m else V, dtype=torch.float32, device=k.device)
     if n == 0:
@@ -311,6 +375,7 @@ def chunk_summary_bwd(
     """
     _, _, H, K = k.shape
     HV, V = do.shape[2], do.shape[3]
+    _check_k(K)
     n = len(segments)
     gm = torch.empty(n, HV, K, V + K if with_m else V, dtype=torch.float32, device=k.device)
     if n == 0:
