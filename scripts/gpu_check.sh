@@ -57,8 +57,9 @@ $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "n
 # --- 2. fp32 correctness on CUDA ----------------------------------------------------------------
 # untuned launches: many tiny shapes, where tuning every one would cost more than the tests
 export FLA_CP_AUTOTUNE=0
+# (the compile-for-sm_80/90 test is left to CI: on a GPU the suite runs the compiled kernels themselves)
 run fp32_kernels 90 env TRITON_F32_DEFAULT=ieee $PY -m pytest -q -x tests/cp/test_triton_kernels.py \
-    -k "not bf16" -p no:cacheprovider
+    -k "not bf16 and not compile" -p no:cacheprovider
 run fp32_operator 150 env TRITON_F32_DEFAULT=ieee $PY -m pytest -q -x tests/cp/test_op_triton_interpret.py \
     -k "not bf16" -p no:cacheprovider
 
