@@ -5,7 +5,9 @@
 #   BENCH_ARGS="--T 32768 --P 4 --shapes main" scripts/gpu_check.sh
 #
 # 1. FLA: install the wheels carried in .whl/ (no network on the GPU machine) unless FLA 0.6.0 is
-#    already importable; fla_cp itself runs from this checkout (PYTHONPATH).
+#    already importable; fla_cp itself runs from this checkout (PYTHONPATH). The wheels are pure
+#    Python; fetch them on a machine with a package registry and carry `.whl` (git-ignored):
+#      pip download --no-deps flash-linear-attention==0.6.0 fla-core==0.6.0 einops -d .whl
 # 2. Correctness on CUDA, fp32 (TRITON_F32_DEFAULT=ieee so FLA's fp32 dots are IEEE, not TF32, and the
 #    1e-5 bar is meaningful): our summary kernels compiled (tests/cp/test_triton_kernels.py) and the
 #    whole operator with backend="triton" -- gloo ranks P = 2, 3 sharing the one GPU, plus single

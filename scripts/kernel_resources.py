@@ -39,9 +39,9 @@ SHAPES = {
 TYPES = {"bf16": "*bf16", "fp32": "*fp32"}
 
 
-def compile_kernel(kind: str, shape: dict, dtype: str, config: triton.Config, arch: int):
-    """Compile one variant exactly as `chunk_summary_fwd/_bwd` would launch it (with the M columns:
-    one kernel holds both the H/G and the M branch, so M changes nothing in the compiled code)."""
+def compile_kernel(kind: str, shape: dict, dtype: str, config: triton.Config, arch: int, is_m: bool = False):
+    """Compile one variant exactly as `chunk_summary_fwd/_bwd` launch it: the H/G columns, or (is_m)
+    the M columns."""
     K, V = shape["K"], shape["V"]
     x = TYPES[dtype]
     if kind == "fwd":
@@ -50,8 +50,8 @@ def compile_kernel(kind: str, shape: dict, dtype: str, config: triton.Config, ar
     else:
         fn = cs.chunk_summary_bwd_kernel
         sig = dict(q=x, k=x, w=x, g="*fp32", do=x, gm="*fp32", cu_seqlens="*i64", seg_ids="*i32", scale="fp32")
-    const = dict(H=shape["H"], HV=shape["HV"], K=K, V=V, W=V + K, BT=64, BK=cs._block_k(K), **config.kwargs,
-                 WITH_M=True, FP32_STATE=dtype == "fp32", PRECISION=FP32_DOT_PRECISION)
+    const = dict(H=shape["H"], HV=shape["HV"], K=K, V=V, W=V + K, BT=64, BK=cs._block_k(K),
+                 **config.kwargs, IS_M=is_m, FP32_STATE=dtype == "fp32", PRECISION=FP32_DOT_PRECISION)
     sig.update({name: "constexpr" for name in const})
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in const.items()})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -111,32 +111,35 @@ def main(argv=None):
     p.add_argument("--default-only", action="store_true", help="only the untuned default config")
     p.add_argument("--fla", action="store_true", help="also FLA's fwd_h kernel on each shape, for reference")
     args = p.parse_args(argv)
-    header = f"{'kernel':6} {'shape':6} {'dtype':5} {'BK':>4} {'BV':>3} {'warps':>5} {'stages':>6} " \
+    header = f"{'kernel':6} {'shape':6} {'dtype':5} {'M':1} {'BK':>4} {'BV':>3} {'warps':>5} {'stages':>6} " \
              f"{'regs':>4} {'spill B':>7} {'stack B':>7} {'smem KiB':>8}  note"
     print(f"# sm_{args.arch} | triton {triton.__version__} | fp32 dots: {FP32_DOT_PRECISION} | "
-          f"default = the untuned first config (FLA_CP_AUTOTUNE=0)")
+          f"default = the untuned first config (FLA_CP_AUTOTUNE=0) | M: y = the M-columns launch, n = H / G")
     print(header)
     print("-" * len(header))
     rows = []
     for kind in ("fwd", "bwd"):
         for name in args.shapes:
             for dtype in args.dtypes:
-                configs = configs_for(SHAPES[name]["K"])
-                for config in configs[:1] if args.default_only else configs:
-                    cc = compile_kernel(kind, SHAPES[name], dtype, config, args.arch)
-                    r = ptxas_report(cc.asm["ptx"], args.arch)
-                    note = ("default " if config is cs._CONFIGS[0] else "") + \
-                        ("wgmma serialized" if r["wgmma_serialized"] else "")
-                    rows.append(dict(kind=kind, shape=name, dtype=dtype, config=config, **r, smem=cc.metadata.shared))
-                    print(f"{kind:6} {name:6} {dtype:5} {cs._block_k(SHAPES[name]['K']):>4} "
-                          f"{config.kwargs['BV']:>3} {config.num_warps:>5} {config.num_stages:>6} {r['regs']:>4} "
-                          f"{r['spill']:>7} {r['stack']:>7} {cc.metadata.shared / 1024:>8.1f}  {note}", flush=True)
+                for is_m in (False, True):
+                    configs = configs_for(SHAPES[name]["K"])
+                    for config in configs[:1] if args.default_only else configs:
+                        cc = compile_kernel(kind, SHAPES[name], dtype, config, args.arch, is_m)
+                        r = ptxas_report(cc.asm["ptx"], args.arch)
+                        note = ("default " if config is cs._CONFIGS[0] else "") + \
+                            ("wgmma serialized" if r["wgmma_serialized"] else "")
+                        rows.append(dict(kind=kind, shape=name, dtype=dtype, is_m=is_m, config=config, **r,
+                                         smem=cc.metadata.shared))
+                        print(f"{kind:6} {name:6} {dtype:5} {'y' if is_m else 'n'} "
+                              f"{cs._block_k(SHAPES[name]['K']):>4} {config.kwargs['BV']:>3} {config.num_warps:>5} "
+                              f"{config.num_stages:>6} {r['regs']:>4} {r['spill']:>7} {r['stack']:>7} "
+                              f"{cc.metadata.shared / 1024:>8.1f}  {note}", flush=True)
     if args.fla:
         for name in args.shapes:
             for config in FLA_FWD_H_CONFIGS:
                 cc = compile_fla_fwd_h(SHAPES[name], config, args.arch)
                 r = ptxas_report(cc.asm["ptx"], args.arch)
-                print(f"{'FLAh':6} {name:6} {'bf16':5} {'64x' + str(triton.cdiv(SHAPES[name]['K'], 64)):>4} "
+                print(f"{'FLAh':6} {name:6} {'bf16':5} - {'64x' + str(triton.cdiv(SHAPES[name]['K'], 64)):>4} "
                       f"{config.kwargs['BV']:>3} {config.num_warps:>5} {config.num_stages:>6} {r['regs']:>4} "
                       f"{r['spill']:>7} {r['stack']:>7} {cc.metadata.shared / 1024:>8.1f}  "
                       f"FLA chunk_gated_delta_rule_fwd_h", flush=True)

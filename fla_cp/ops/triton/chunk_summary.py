@@ -20,9 +20,11 @@ i.e. the M columns are the same state pass with zero values started from the ide
 augmented state of DESIGN.md §1), run on K/BV extra column blocks. M is never formed per chunk as a
 K×K matrix: `kᵀ((w m) ⊙ d)` costs 2·BT·K·BV per block instead of BT·K² + K²·BV.
 
-Grid: (column blocks of H or G, then of M; segments × value heads). Program (i_c, i_nh) owns a
-[K, BV] fp32 tile of one summary, held as up to four [BK ≤ 64, BV] row blocks (K ≤ 256) like FLA's
-state kernels, and walks its segment chunk by chunk.
+Two launches: the columns of H (or G), then, when asked for, those of M; each a grid of (column
+blocks, segments × value heads). Program (i_c, i_nh) owns a [K, BV] fp32 tile of one summary, held
+as up to four [BK ≤ 64, BV] row blocks (K ≤ 256) like FLA's state kernels, and walks its segment
+chunk by chunk. Separate compilations keep the state pass free of the M chain's registers: one kernel
+branching between both spilled in both (`scripts/kernel_resources.py`, docs/RESULTS.md).
 
 The kernels use only Triton builtins (no `@triton.jit` helpers of `triton.language.standard` such as
 `tl.zeros` / `tl.cdiv`): those are decorated when triton is first imported, and if that happened before
@@ -43,7 +45,7 @@ from fla_cp.ops.triton.utils import FP32_DOT_PRECISION, autotuned
 # (FLA_CP_AUTOTUNE=0), has the least spilling summed over its bf16 shapes (docs/RESULTS.md).
 _CONFIGS = [triton.Config({'BV': bv}, num_warps=w, num_stages=s)
             for bv, w, s in ((32, 8, 1), (16, 4, 1), (32, 4, 1), (16, 8, 1), (64, 8, 1), (32, 8, 2), (64, 4, 2))]
-_KEY = ['H', 'HV', 'K', 'V', 'W', 'BT', 'BK', 'WITH_M', 'FP32_STATE']
+_KEY = ['H', 'HV', 'K', 'V', 'W', 'BT', 'BK', 'IS_M', 'FP32_STATE']
 _MAX_TILE = 8192   # K * BV fp32 state elements per program; larger tiles only spill
 
 
@@ -241,9 +243,8 @@ def chunk_summary_fwd_kernel(
     k, w, u, g, hm, cu_seqlens, seg_ids,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    WITH_M: tl.constexpr, FP32_STATE: tl.constexpr, PRECISION: tl.constexpr,
+    IS_M: tl.constexpr, FP32_STATE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    NV: tl.constexpr = (V + BV - 1) // BV   # column blocks of H; those of M follow
     i_c, i_nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_h, bos, T = _segment(cu_seqlens, seg_ids, i_nh, HV)
     # GVA: value head i_h reads key head i_h // (HV // H); w is already per value head
@@ -252,15 +253,14 @@ def chunk_summary_fwd_kernel(
     u += (bos * HV + i_h) * V
     g += bos * HV + i_h
     hm += i_nh * K * W
-    if i_c < NV:
-        o_c = i_c * BV + tl.arange(0, BV)
+    o_c = i_c * BV + tl.arange(0, BV)
+    if IS_M:   # the transition's columns, stored after the V state columns
+        b_1, b_2, b_3, b_4 = _forward_chain(k, w, u, g, T, o_c, H, HV, K, V, BT, BK, BV, True, True, PRECISION)
+        _store_blocks(hm, b_1, b_2, b_3, b_4, V, o_c, o_c < K, K, W, BK)
+    else:
         b_1, b_2, b_3, b_4 = _forward_chain(k, w, u, g, T, o_c, H, HV, K, V, BT, BK, BV, False, FP32_STATE,
                                             PRECISION)
         _store_blocks(hm, b_1, b_2, b_3, b_4, 0, o_c, o_c < V, K, W, BK)
-    else:
-        o_c = (i_c - NV) * BV + tl.arange(0, BV)
-        b_1, b_2, b_3, b_4 = _forward_chain(k, w, u, g, T, o_c, H, HV, K, V, BT, BK, BV, True, True, PRECISION)
-        _store_blocks(hm, b_1, b_2, b_3, b_4, V, o_c, o_c < K, K, W, BK)
 
 
 @triton.jit
@@ -268,9 +268,8 @@ def chunk_summary_bwd_kernel(
     q, k, w, g, do, gm, cu_seqlens, seg_ids, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    WITH_M: tl.constexpr, FP32_STATE: tl.constexpr, PRECISION: tl.constexpr,
+    IS_M: tl.constexpr, FP32_STATE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    NV: tl.constexpr = (V + BV - 1) // BV   # column blocks of G; those of M follow
     i_c, i_nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_h, bos, T = _segment(cu_seqlens, seg_ids, i_nh, HV)
     q += (bos * H + i_h // (HV // H)) * K
@@ -279,16 +278,14 @@ def chunk_summary_bwd_kernel(
     do += (bos * HV + i_h) * V
     g += bos * HV + i_h
     gm += i_nh * K * W
-    if i_c < NV:
-        o_c = i_c * BV + tl.arange(0, BV)
+    o_c = i_c * BV + tl.arange(0, BV)
+    if IS_M:   # the same transition as the forward's M (DESIGN.md §3 uses its transpose)
+        b_1, b_2, b_3, b_4 = _forward_chain(k, w, do, g, T, o_c, H, HV, K, V, BT, BK, BV, True, True, PRECISION)
+        _store_blocks(gm, b_1, b_2, b_3, b_4, V, o_c, o_c < K, K, W, BK)
+    else:
         b_1, b_2, b_3, b_4 = _g_chain(q, k, w, g, do, T, o_c, scale, H, HV, K, V, BT, BK, BV, FP32_STATE,
                                       PRECISION)
         _store_blocks(gm, b_1, b_2, b_3, b_4, 0, o_c, o_c < V, K, W, BK)
-    else:
-        # the same transition as the forward's M (DESIGN.md §3 uses its transpose)
-        o_c = (i_c - NV) * BV + tl.arange(0, BV)
-        b_1, b_2, b_3, b_4 = _forward_chain(k, w, do, g, T, o_c, H, HV, K, V, BT, BK, BV, True, True, PRECISION)
-        _store_blocks(gm, b_1, b_2, b_3, b_4, V, o_c, o_c < K, K, W, BK)
 
 
 _launch_fwd = autotuned(chunk_summary_fwd_kernel, _CONFIGS, _KEY, prune=_prune)
@@ -308,9 +305,9 @@ def _check_k(K: int):
         raise ValueError(f"fla_cp's summary kernels take head dims K <= {MAX_K} (as FLA's chunk kernels), got K={K}")
 
 
-def _grid(n: int, HV: int, K: int, V: int, with_m: bool):
-    """(column blocks of H or G, then of M; segments x value heads), for the launch's BV."""
-    return lambda meta: (triton.cdiv(V, meta['BV']) + (triton.cdiv(K, meta['BV']) if with_m else 0), n * HV)
+def _grid(n: int, HV: int, columns: int):
+    """(column blocks, segments x value heads) for the launch's BV."""
+    return lambda meta: (triton.cdiv(columns, meta['BV']), n * HV)
 
 
 def _segment_ids(segments, device) -> torch.Tensor:
@@ -344,12 +341,13 @@ def chunk_summary_fwd(
     hm = torch.empty(n, HV, K, V + K if with_m else V, dtype=torch.float32, device=k.device)
     if n == 0:
         return hm
-    _launch_fwd(
-        _grid(n, HV, K, V, with_m), k=k, w=w, u=u, g=g, hm=hm, cu_seqlens=cu_seqlens,
-        seg_ids=_segment_ids(segments, k.device),
-        H=H, HV=HV, K=K, V=V, W=hm.shape[-1], BT=chunk_size, BK=_block_k(K), WITH_M=with_m,
-        FP32_STATE=k.dtype == torch.float32, PRECISION=FP32_DOT_PRECISION,
-    )
+    seg_ids = _segment_ids(segments, k.device)
+    for is_m in (False, True) if with_m else (False,):
+        _launch_fwd(
+            _grid(n, HV, K if is_m else V), k=k, w=w, u=u, g=g, hm=hm, cu_seqlens=cu_seqlens, seg_ids=seg_ids,
+            H=H, HV=HV, K=K, V=V, W=hm.shape[-1], BT=chunk_size, BK=_block_k(K), IS_M=is_m,
+            FP32_STATE=k.dtype == torch.float32, PRECISION=FP32_DOT_PRECISION,
+        )
     return hm
 
 
@@ -380,10 +378,12 @@ def chunk_summary_bwd(
     gm = torch.empty(n, HV, K, V + K if with_m else V, dtype=torch.float32, device=k.device)
     if n == 0:
         return gm
-    _launch_bwd(
-        _grid(n, HV, K, V, with_m), q=q, k=k, w=w, g=g, do=do, gm=gm, cu_seqlens=cu_seqlens,
-        seg_ids=_segment_ids(segments, k.device), scale=scale,
-        H=H, HV=HV, K=K, V=V, W=gm.shape[-1], BT=chunk_size, BK=_block_k(K), WITH_M=with_m,
-        FP32_STATE=k.dtype == torch.float32, PRECISION=FP32_DOT_PRECISION,
-    )
+    seg_ids = _segment_ids(segments, k.device)
+    for is_m in (False, True) if with_m else (False,):
+        _launch_bwd(
+            _grid(n, HV, K if is_m else V), q=q, k=k, w=w, g=g, do=do, gm=gm, cu_seqlens=cu_seqlens,
+            seg_ids=seg_ids, scale=scale,
+            H=H, HV=HV, K=K, V=V, W=gm.shape[-1], BT=chunk_size, BK=_block_k(K), IS_M=is_m,
+            FP32_STATE=k.dtype == torch.float32, PRECISION=FP32_DOT_PRECISION,
+        )
     return gm
