@@ -42,7 +42,7 @@ from fla_cp.ops.triton.utils import FP32_DOT_PRECISION, autotuned
 # [K, BV] fp32 tile plus its [BT, BK] loads in registers, and smaller BV also means more programs
 # for the one-segment, few-head launches CP makes. `scripts/kernel_resources.py` prints what each
 # config costs in registers and spills (sm_90, no GPU needed); the first config, the untuned default
-# (FLA_CP_AUTOTUNE=0), has the least spilling summed over its bf16 shapes (docs/RESULTS.md).
+# (FLA_CP_AUTOTUNE=0), spills least or nearly least on the bf16 shapes there (docs/RESULTS.md).
 _CONFIGS = [triton.Config({'BV': bv}, num_warps=w, num_stages=s)
             for bv, w, s in ((32, 8, 1), (16, 4, 1), (32, 4, 1), (16, 8, 1), (64, 8, 1), (32, 8, 2), (64, 4, 2))]
 _KEY = ['H', 'HV', 'K', 'V', 'W', 'BT', 'BK', 'IS_M', 'FP32_STATE']
