@@ -126,6 +126,8 @@ def test_single_process_errors():
     x = _inputs(T_loc=T)
     with pytest.raises(ValueError, match="backend must be one of"):
         chunk_cp_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], backend="cuda")
+    with pytest.raises(ValueError, match="or an object with the methods"):   # not a backend: no kept()
+        chunk_cp_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], backend=object())
     with pytest.raises(ValueError, match="g has shape"):
         chunk_cp_gated_delta_rule(x["q"], x["k"], x["v"], x["g"][:, :, :1], x["beta"])
     with pytest.raises(ValueError, match="layout must be one of"):

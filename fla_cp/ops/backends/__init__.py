@@ -6,7 +6,7 @@ import torch
 from fla_cp.ops.backends.torch_backend import TorchBackend
 
 BACKENDS = ("auto", "torch", "triton")
-_CONTRACT = ("prepare", "summarize", "forward", "state_grad", "backward")
+_CONTRACT = ("prepare", "kept", "summarize", "forward", "state_grad", "backward")
 
 
 def get_backend(name, device: torch.device):
@@ -15,7 +15,8 @@ def get_backend(name, device: torch.device):
     if not isinstance(name, str) and all(hasattr(name, m) for m in _CONTRACT):
         return name
     if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+        raise ValueError(f"backend must be one of {BACKENDS} or an object with the methods {_CONTRACT} "
+                         f"(fla_cp.ops.backends.base), got {name!r}")
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
