@@ -314,6 +314,23 @@ def _segment_ids(segments, device) -> torch.Tensor:
     return torch.as_tensor(list(segments), dtype=torch.int32, device=device)
 
 
+def _summaries(launch, out: str, segments, with_m: bool, H: int, HV: int, K: int, V: int, chunk_size: int,
+               **inputs) -> torch.Tensor:
+    """Allocate the `[n, HV, K, V (+K)]` fp32 summaries (kernel argument `out`) and fill them: one
+    launch for the H / G columns, one more for the M columns when `with_m`."""
+    _check_k(K)
+    n, device = len(segments), inputs['k'].device
+    result = torch.empty(n, HV, K, V + K if with_m else V, dtype=torch.float32, device=device)
+    if n == 0:
+        return result
+    seg_ids = _segment_ids(segments, device)
+    for is_m in (False, True) if with_m else (False,):
+        launch(_grid(n, HV, K if is_m else V), **inputs, **{out: result}, seg_ids=seg_ids,
+               H=H, HV=HV, K=K, V=V, W=result.shape[-1], BT=chunk_size, BK=_block_k(K), IS_M=is_m,
+               FP32_STATE=inputs['k'].dtype == torch.float32, PRECISION=FP32_DOT_PRECISION)
+    return result
+
+
 def chunk_summary_fwd(
     k: torch.Tensor,
     w: torch.Tensor,
@@ -335,20 +352,8 @@ def chunk_summary_fwd(
         `[n, HV, K, V + K]` fp32 if `with_m` else `[n, HV, K, V]`.
     """
     _, _, H, K = k.shape
-    HV, V = u.shape[2], u.shape[3]
-    _check_k(K)
-    n = len(segments)
-    hm = torch.empty(n, HV, K, V + K if with_m else V, dtype=torch.float32, device=k.device)
-    if n == 0:
-        return hm
-    seg_ids = _segment_ids(segments, k.device)
-    for is_m in (False, True) if with_m else (False,):
-        _launch_fwd(
-            _grid(n, HV, K if is_m else V), k=k, w=w, u=u, g=g, hm=hm, cu_seqlens=cu_seqlens, seg_ids=seg_ids,
-            H=H, HV=HV, K=K, V=V, W=hm.shape[-1], BT=chunk_size, BK=_block_k(K), IS_M=is_m,
-            FP32_STATE=k.dtype == torch.float32, PRECISION=FP32_DOT_PRECISION,
-        )
-    return hm
+    return _summaries(_launch_fwd, 'hm', segments, with_m, H, u.shape[2], K, u.shape[3], chunk_size,
+                      k=k, w=w, u=u, g=g, cu_seqlens=cu_seqlens)
 
 
 def chunk_summary_bwd(
@@ -372,18 +377,5 @@ def chunk_summary_bwd(
         `[n, HV, K, V + K]` fp32 if `with_m` else `[n, HV, K, V]`.
     """
     _, _, H, K = k.shape
-    HV, V = do.shape[2], do.shape[3]
-    _check_k(K)
-    n = len(segments)
-    gm = torch.empty(n, HV, K, V + K if with_m else V, dtype=torch.float32, device=k.device)
-    if n == 0:
-        return gm
-    seg_ids = _segment_ids(segments, k.device)
-    for is_m in (False, True) if with_m else (False,):
-        _launch_bwd(
-            _grid(n, HV, K if is_m else V), q=q, k=k, w=w, g=g, do=do, gm=gm, cu_seqlens=cu_seqlens,
-            seg_ids=seg_ids, scale=scale,
-            H=H, HV=HV, K=K, V=V, W=gm.shape[-1], BT=chunk_size, BK=_block_k(K), IS_M=is_m,
-            FP32_STATE=k.dtype == torch.float32, PRECISION=FP32_DOT_PRECISION,
-        )
-    return gm
+    return _summaries(_launch_bwd, 'gm', segments, with_m, H, do.shape[2], K, do.shape[3], chunk_size,
+                      q=q, k=k, w=w, g=g, do=do, cu_seqlens=cu_seqlens, scale=scale)
