@@ -1,6 +1,6 @@
 """Run FLA's Triton chunk kernels in Triton's CPU interpreter (`TRITON_INTERPRET=1`), for tests.
 
-Out of the box two things stop FLA 0.6's kernels there:
+Out of the box three things stop FLA 0.6's kernels there:
 
 1. Loop variables. The interpreter runs a kernel as Python, so `for i_t in range(NT)` yields Python
    ints, while compiled Triton yields tensors; FLA's `chunk_gated_delta_rule_fwd_h` calls
@@ -9,12 +9,24 @@ Out of the box two things stop FLA 0.6's kernels there:
    top of the body. `tl.static_range` loops keep Python ints, as when compiled.
 2. Autotuning. `triton.autotune` times every config on a GPU; under the interpreter an
    `Autotuner` now launches its first config (num_warps / num_stages mean nothing there).
+3. Splatted scalar comparisons. The interpreter (Triton 3.9) labels a comparison's result with its
+   operands' dtype (bool data, `int64` label), and `splat` then materialises the label: `(t < n) & m`
+   with a scalar `n` became an int64 mask that `tl.load` rejects (FLA's `compute_dh0_kernel`, the
+   initial-state gradient of `causal_conv1d`). A splat whose result type is int1 now yields bools.
+
+One more patch, `fix_scalar_index`, serves our own kernels too: the interpreter holds a scalar as a
+one-element 1-D array, and Triton 3.6's interpreter turns it into a Python int (`range(T)`) with
+`int(array)`, which NumPy 2.4 rejects ("only 0-dimensional arrays can be converted"); Triton 3.9
+squeezes the array first, and so does the patch.
 
     from fla_cp.utils.triton_interpreter import enable_fla_kernels_in_interpreter
     enable_fla_kernels_in_interpreter()   # idempotent; TRITON_INTERPRET=1 must have been set
                                           # before FLA's kernels were imported (decorated)
 
-Both patches act only on interpreted kernels; compiled kernels on a GPU are untouched.
+`require_interpreted(kernel, who)` is the check callers run before FLA's kernels on CPU: a clear
+RuntimeError naming `who` (the argument that asked for them) when FLA was imported compiled.
+
+All patches act only on interpreted kernels; compiled kernels on a GPU are untouched.
 """
 from __future__ import annotations
 
@@ -48,11 +60,36 @@ def is_interpreted(kernel) -> bool:
     return kernel is not None
 
 
+def fix_scalar_index() -> None:
+    """Let interpreted kernels use a scalar tensor as a Python int with any NumPy (idempotent)."""
+    from triton.runtime import interpreter
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "fla_cp_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patched.fla_cp_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+def require_interpreted(kernel, who: str) -> None:
+    """FLA's kernels off CUDA only run in Triton's interpreter, which is chosen when they are imported
+    (decorated): raise a clear error naming `who` if `kernel` was not, else enable the patches above."""
+    if not is_interpreted(kernel):
+        raise RuntimeError(f"{who} off CUDA runs FLA's kernels in Triton's interpreter: "
+                           "set TRITON_INTERPRET=1 before FLA is first imported")
+    enable_fla_kernels_in_interpreter()
+
+
 def enable_fla_kernels_in_interpreter() -> None:
     global _ENABLED
     if _ENABLED:
         return
     from triton.runtime import autotuner, interpreter
+    fix_scalar_index()
 
     class LoopVariablesAsTensors(interpreter.ASTTransformer):
         def visit_For(self, node):
@@ -76,4 +113,16 @@ def enable_fla_kernels_in_interpreter() -> None:
         return self.fn.run(*args, **kwargs, **config.all_kwargs())
 
     autotuner.Autotuner.run = run
+
+    import numpy as np
+    import triton.language as tl
+    splat = interpreter.InterpreterBuilder.create_splat
+
+    def create_splat(self, ret_ty, arg):
+        out = splat(self, ret_ty, arg)
+        if getattr(ret_ty, "element_ty", None) == tl.int1 and out.data.dtype != np.bool_:
+            return interpreter.TensorHandle(out.data.astype(np.bool_), tl.int1)
+        return out
+
+    interpreter.InterpreterBuilder.create_splat = create_splat
     _ENABLED = True

@@ -208,3 +208,21 @@ def test_kernels_compile_for_gpus(arch):
     assert len(rows) == 2 * 2 * 2 * 2, run.stdout     # kernels x shapes x dtypes x (H/G, M launch)
     # every row reports a register count from ptxas: the cubin was really built
     assert all(int(line.split()[8]) > 0 for line in rows), run.stdout
+
+
+def test_autotune_switch_covers_fla_kernels(monkeypatch):
+    """FLA_CP_AUTOTUNE=0 prunes FLA's autotuned kernels to their first config too, so a correctness
+    run on a fresh GPU compiles one config per kernel and shape; unset, every config stays."""
+    from fla.ops.common import chunk_delta_h
+    from triton.runtime.autotuner import Autotuner
+
+    from fla_cp.ops.triton.utils import untuned_autotuners
+    untuned_autotuners()                                    # done by fla_cp.ops.triton; idempotent
+    tuner = chunk_delta_h.chunk_gated_delta_rule_fwd_kernel_h_blockdim64
+    while not isinstance(tuner, Autotuner):                 # under FLA's heuristics
+        tuner = tuner.fn
+    tuner.nargs = {}
+    monkeypatch.delenv("FLA_CP_AUTOTUNE", raising=False)
+    assert len(tuner.configs) > 1 and tuner.prune_configs({}) == tuner.configs
+    monkeypatch.setenv("FLA_CP_AUTOTUNE", "0")
+    assert tuner.prune_configs({}) == tuner.configs[:1]

@@ -24,8 +24,28 @@ FP32_DOT_PRECISION = 'tf32x3' if torch.version.hip is None else 'ieee'
 
 def autotune_enabled() -> bool:
     """`FLA_CP_AUTOTUNE=0` launches the first config untuned (correctness runs on many tiny shapes,
-    where tuning every shape would cost more than the tests)."""
+    where tuning every shape would cost more than the tests). It covers FLA's autotuned kernels too
+    (`untuned_autotuners`): on a fresh GPU, tuning them compiles every config of every kernel for
+    every new shape, minutes that a correctness run does not need."""
     return os.environ.get('FLA_CP_AUTOTUNE', '1') != '0'
+
+
+def untuned_autotuners() -> None:
+    """Make every `triton.autotune` kernel (FLA's included) honour `FLA_CP_AUTOTUNE=0`: its configs
+    are pruned to the first one, so nothing is compiled or timed beyond the launch itself (Triton 3.7+
+    then skips benchmarking; 3.6 times the one config once). Read at each tuning, so the variable
+    may change at run time; a no-op while it is unset. Idempotent."""
+    from triton.runtime import autotuner
+    prune = autotuner.Autotuner.prune_configs
+    if getattr(prune, 'fla_cp_untuned', False):
+        return
+
+    def prune_configs(self, *args, **kwargs):
+        configs = prune(self, *args, **kwargs)
+        return configs if autotune_enabled() else configs[:1]
+
+    prune_configs.fla_cp_untuned = True
+    autotuner.Autotuner.prune_configs = prune_configs
 
 
 def autotuned(kernel, configs: list[triton.Config], key: list[str], prune=None):
@@ -40,6 +60,11 @@ def autotuned(kernel, configs: list[triton.Config], key: list[str], prune=None):
     interpreted = isinstance(kernel, InterpretedFunction)
     cache = {'cache_results': True} if 'cache_results' in inspect.signature(triton.autotune).parameters else {}
     tuned = []
+
+    if interpreted:
+        from fla_cp.utils.triton_interpreter import fix_scalar_index
+        fix_scalar_index()
+    untuned_autotuners()
 
     def launch(grid, **kwargs):
         if interpreted or not autotune_enabled():
