@@ -18,6 +18,12 @@ unchanged. Only `forward` differs:
   This keeps a dense CP split valid for padded rows. (Holes in the middle of a row are not FLA's
   semantics — FLA would join the pieces — and are not supported.) Under CP the mask may be global
   `[B, T]` or this rank's `[B, T_loc]`.
+- `conv_backend` (constructor keyword, not a parameter or buffer): the short conv's kernel, see
+  `fla_cp.layers.short_conv_cp.causal_conv`. "auto" (default) runs FLA's fused Triton `causal_conv1d`
+  on CUDA, as FLA's layer does (the CP halo / decode cache is its per-sequence `initial_state`), and
+  the pure-PyTorch window sum elsewhere; "fla" / "torch" force one (off CUDA "fla" needs Triton's
+  interpreter, for tests). The decode step has no separate path: it is this conv with the cache as
+  initial state (FLA's single-token `causal_conv1d_update` is not used).
 - `past_key_values`/`use_cache`: FLA's `Cache`; the recurrent state is stored as `[N, HV, K, V]`
   (fla_cp's layout, not FLA's `state_v_first`) and the conv state as FLA's `(q, k, v)` tuple of
   `[N, D, W]`. Under CP the cache must start empty (prefill); the states of every sequence are then
@@ -32,12 +38,21 @@ from fla.layers import GatedDeltaNet
 from fla.layers.utils import get_layer_cache, update_layer_cache
 
 from fla_cp.layers.functional import gdn_gate, rms_norm, rms_norm_gated
-from fla_cp.layers.short_conv_cp import causal_conv, conv_halo, window_index_of
+from fla_cp.layers.short_conv_cp import CONV_BACKENDS, causal_conv, conv_halo, resolve_conv_backend, window_index_of
 from fla_cp.ops import chunk_cp_gated_delta_rule, comm
 
 
 class GatedDeltaNetCP(GatedDeltaNet):
-    """FLA's GatedDeltaNet layer whose forward also runs on a CP shard (see module docstring)."""
+    """FLA's GatedDeltaNet layer whose forward also runs on a CP shard (see module docstring).
+
+    Takes FLA's constructor arguments plus `conv_backend="auto" | "fla" | "torch"`.
+    """
+
+    def __init__(self, *args, conv_backend: str = "auto", **kwargs):
+        if conv_backend not in CONV_BACKENDS:
+            raise ValueError(f"conv_backend must be one of {CONV_BACKENDS}, got {conv_backend!r}")
+        super().__init__(*args, **kwargs)
+        self.conv_backend = conv_backend
 
     def forward(
         self,
@@ -158,13 +173,18 @@ class GatedDeltaNetCP(GatedDeltaNet):
                 raise ValueError(f"conv cache holds {state.shape[0]} sequences, input has {len(flat_bounds)}")
             init = state[..., 1:].transpose(1, 2)
 
-        windows = None
-        if cp is not None:   # the same for every layer of this forward
+        backend = resolve_conv_backend(self.conv_backend, x, who=f"GatedDeltaNetCP(conv_backend={self.conv_backend!r})")
+        windows = cu = None
+        if cp is not None and backend == "torch":   # the same for every layer of this forward
             windows = cp.memo(("conv_windows", B, W, init is not None, str(x.device)),
                               lambda: window_index_of(flat_bounds, B * T, W, init is not None).to(x.device))
+        elif cp is not None:
+            cu = cp.memo(("conv_cu_seqlens", B, str(x.device)),
+                         lambda: torch.tensor([0] + [e for _, e in flat_bounds], device=x.device))
+        # FLA's layer: the q/k/v convs' weights [D, W] and biases (None without conv_bias), their activation
         y, final = causal_conv(x.reshape(B * T, C), weight, bias, flat_bounds, init,
                                activation=self.q_conv1d.activation, output_final_state=bool(use_cache),
-                               window_index=windows)
+                               window_index=windows, backend=backend, cu_seqlens=cu)
         q, k, v = torch.split(y.view(B, T, C), [self.key_dim, self.key_dim, self.value_dim], -1)
 
         conv_state = None

@@ -8,11 +8,22 @@ then picks the W-1 predecessors it needs (stopping at the sequence's first token
 leaks across documents). The exchange is an autograd function whose backward sums the halo gradients
 over the group and hands each rank the gradient of its own tails: halo gradients reach their owners.
 
-The convolution itself is written as a gather of explicit windows (`[N, W, D]`) and a weighted sum,
-which handles packed segments, per-segment initial states (halo or decode cache) and final states in
-one vectorised pass on any device; the windows are recomputed in backward rather than kept. Its math
-is FLA's `causal_conv1d`: `y_t = act(sum_j w[:, j] * x_{t-W+1+j} + b)`, with a cache `[N, D, W]`
-holding a sequence's last W inputs (oldest first).
+The convolution (`causal_conv`) has two backends with one contract. Its math is FLA's
+`causal_conv1d`: `y_t = act(sum_j w[:, j] * x_{t-W+1+j} + b)`, with a cache `[N, D, W]` holding a
+sequence's last W inputs (oldest first).
+
+- "fla" (the default on CUDA through `backend="auto"`): FLA's fused Triton `causal_conv1d`, the
+  autograd-enabled public function FLA's own layer uses, on the flat stream as one packed batch
+  (`cu_seqlens` from the segments). A segment's halo or decode cache `[W-1, D]` is its
+  `initial_state` `[D, W]` (transposed, one leading column that FLA never reads), so FLA's kernels
+  return the halo gradient (dh0), which `_GatherTails` then routes to its owner rank. The final state
+  is gathered here (the last W inputs, exact copies), not taken from FLA: FLA's backward drops the
+  gradient of its slot 0 (dead for decoding, but part of the returned tensor). Off CUDA this backend
+  runs only in Triton's interpreter (tests; see `fla_cp.utils.triton_interpreter`).
+- "torch" (the default elsewhere): a gather of explicit windows (`[N, W, D]`) and a weighted sum,
+  which handles packed segments, per-segment initial states (halo or decode cache) and final states
+  in one vectorised pass on any device; the windows are recomputed in backward rather than kept.
+  Every window is summed the same way wherever it sits, so results are bitwise layout-independent.
 """
 from __future__ import annotations
 
@@ -34,6 +45,8 @@ def causal_conv(
     activation: str | None = "silu",
     output_final_state: bool = False,
     window_index: torch.Tensor | None = None,
+    backend: str = "auto",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal depthwise conv over a flat stream of segments.
 
@@ -41,11 +54,18 @@ def causal_conv(
         x: `[N, D]` inputs; `bounds` lists the `(start, end)` of the S segments covering `[0, N)`.
         weight: `[D, W]`; bias: `[D]` or None.
         init: `[S, W-1, D]` inputs that precede each segment (oldest first), or None for zeros.
-        window_index: `window_index(bounds, N, W, init is not None)` on x's device, when the caller
-            keeps it across layers.
+        window_index: torch backend only: `window_index(bounds, N, W, init is not None)` on x's device,
+            when the caller keeps it across layers.
+        backend: "auto" (FLA's Triton `causal_conv1d` on CUDA, "torch" elsewhere), "fla" (FLA's
+            kernel on any device; off CUDA in Triton's interpreter, which must have been on when FLA
+            was imported) or "torch" (the window sum). See the module docstring.
+        cu_seqlens: fla backend only: `[0, end_0, ..., end_{S-1}]` on x's device, when the caller keeps
+            it across layers.
     Returns:
         y `[N, D]`, and when `output_final_state` the last W inputs of every segment `[S, D, W]`.
     """
+    if resolve_conv_backend(backend, x) == "fla":
+        return _causal_conv_fla(x, weight, bias, bounds, init, activation, output_final_state, cu_seqlens)
     N, D = x.shape
     W = weight.shape[-1]
     S = len(bounds)
@@ -69,6 +89,84 @@ def causal_conv(
         last = torch.tensor([e - 1 for _, e in bounds], device=x.device)
         final = src[idx[last]].transpose(1, 2).contiguous()         # [S, D, W]
     return y, final
+
+
+CONV_BACKENDS = ("auto", "fla", "torch")
+
+
+def _fla_available() -> bool:
+    try:
+        import fla.modules.causal_conv1d  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_conv_backend(backend: str, x: torch.Tensor, who: str | None = None) -> str:
+    """The backend `causal_conv(backend=...)` runs for input `x`: "fla" or "torch".
+
+    "fla" off CUDA checks that FLA's kernels were imported for Triton's interpreter and raises a
+    RuntimeError naming `who` (default: causal_conv's own argument) if they were not.
+    """
+    if backend not in CONV_BACKENDS:
+        raise ValueError(f"conv backend must be one of {CONV_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "fla" if x.is_cuda and _fla_available() else "torch"
+    if backend == "fla" and not x.is_cuda:
+        from fla.modules.causal_conv1d.ops import causal_conv1d_fwd_kernel
+
+        from fla_cp.utils.triton_interpreter import require_interpreted
+        require_interpreted(causal_conv1d_fwd_kernel, who or "causal_conv(backend='fla')")
+    return backend
+
+
+def _cu_seqlens_of(bounds: list[tuple[int, int]], N: int) -> torch.Tensor:
+    """`[0, end_0, ..., end_{S-1}]` (host, int64) of segments that must tile `[0, N)` in order."""
+    ends = [e for _, e in bounds]
+    if [s for s, _ in bounds] != [0] + ends[:-1] or (ends[-1] if ends else 0) != N:
+        raise ValueError(f"segments {bounds[:4]}... do not cover the {N} local tokens")
+    return torch.tensor([0] + ends, dtype=torch.long)
+
+
+def _causal_conv_fla(x, weight, bias, bounds, init, activation, output_final_state, cu_seqlens):
+    """`causal_conv` on FLA's Triton kernels: every segment is one sequence of a packed batch and its
+    W-1 predecessors (halo or cache) are its `initial_state` `[D, W]`, column 0 unused by FLA."""
+    from fla.modules.causal_conv1d import causal_conv1d
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"unsupported activation {activation!r}")
+    N, _ = x.shape
+    cu_cpu = _cu_seqlens_of(bounds, N)
+    if cu_seqlens is None:
+        cu_seqlens = cu_cpu.to(x.device)
+    h0 = None
+    if init is not None:
+        h0 = F.pad(init.to(x.dtype).transpose(1, 2), (1, 0))            # [S, D, W]
+    y, _ = causal_conv1d(x.unsqueeze(0), weight, bias, initial_state=h0, activation=activation,
+                         backend="triton", cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_cpu)
+    final = _last_inputs(x, init, bounds, weight.shape[-1]) if output_final_state else None
+    return y[0], final
+
+
+def _last_inputs(x: torch.Tensor, init: torch.Tensor | None, bounds: list[tuple[int, int]], W: int) -> torch.Tensor:
+    """The last W inputs of every segment, oldest first, `[S, D, W]`: x, then `init` before a
+    segment's start, then zeros. Plain copies (the torch backend's final state, bitwise), gathered
+    from S * W rows of x rather than a copy of x."""
+    S, H = len(bounds), W - 1
+    pos = torch.tensor([[e - W + j for j in range(W)] for _, e in bounds], dtype=torch.long).view(S, W)
+    start = torch.tensor([s for s, _ in bounds], dtype=torch.long)[:, None]
+    before = start - pos                                              # > 0: before the segment
+    parts = [x.index_select(0, pos.clamp_min(0).flatten().to(x.device))]   # rows 0 .. S*W-1
+    zero_row = S * W
+    fill = torch.full_like(pos, zero_row)
+    if init is not None:
+        parts.append(init.reshape(S * H, -1).to(x.dtype))              # rows S*W + s*H + i
+        zero_row += S * H
+        from_init = S * W + torch.arange(S)[:, None] * H + H - before
+        fill = torch.where(before <= H, from_init, zero_row)
+    parts.append(x.new_zeros(1, x.shape[1]))
+    src = torch.cat(parts, 0)
+    index = torch.where(before > 0, fill, torch.arange(S * W).view(S, W))
+    return src[index.to(x.device)].transpose(1, 2).contiguous()
 
 
 def _window_sum(src: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

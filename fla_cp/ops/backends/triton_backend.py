@@ -69,11 +69,8 @@ def _check_fla_interpreted():
     """FLA's kernels off CUDA only run in Triton's interpreter, which is chosen when they are imported."""
     from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_kernel_h_blockdim64 as kernel
 
-    from fla_cp.utils.triton_interpreter import enable_fla_kernels_in_interpreter, is_interpreted
-    if not is_interpreted(kernel):
-        raise RuntimeError("TritonBackend(local_kernels='fla') off CUDA runs FLA's kernels in Triton's interpreter: "
-                           "set TRITON_INTERPRET=1 before FLA is first imported")
-    enable_fla_kernels_in_interpreter()
+    from fla_cp.utils.triton_interpreter import require_interpreted
+    require_interpreted(kernel, "TritonBackend(local_kernels='fla')")
 
 
 class TritonBackend:
