@@ -62,6 +62,17 @@ def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
     return buf.to(t.device) if staged else buf
 
 
+def all_reduce_sum_(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the group in place, for a contiguous buffer the caller owns (a flattened gradient):
+    no copy beyond gloo's host staging of CUDA tensors."""
+    if world_size(group) == 1:
+        return t
+    if _needs_host_staging(t, group):
+        return t.copy_(all_reduce_sum(t, group))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
 def check_agreement(group, local_error: str | None, fields: dict[str, list[int]], what: str) -> None:
     """Raise the same ValueError on every rank if any rank found bad input or ranks disagree.
 

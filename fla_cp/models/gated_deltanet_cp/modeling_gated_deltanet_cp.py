@@ -421,10 +421,10 @@ def sync_gradients(model: nn.Module) -> None:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return
-    flat = _flatten_dense_tensors(grads)
+    flat = _flatten_dense_tensors(grads)                   # a fresh buffer: reduced in place
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
-        flat = comm.all_reduce_sum(flat, cp_group)
+        comm.all_reduce_sum_(flat, cp_group)
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        flat = comm.all_reduce_sum(flat, dp_group) / dist.get_world_size(dp_group)
+        comm.all_reduce_sum_(flat, dp_group).div_(dist.get_world_size(dp_group))
     for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
         g.copy_(synced)
