@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# One command for a lent GPU: correctness of the triton backend on CUDA, then the per-rank benchmark.
+# One command for a lent GPU: correctness of the triton backend on CUDA, the layer / model / scripts
+# on CUDA, then the per-rank benchmark. Three groups, each well inside the device tool's 10 minutes
+# per call, so a session runs them as separate calls (or all at once where no such limit applies):
 #
-#   scripts/gpu_check.sh                 # everything; the step limits add up to 9.5 minutes
-#   BENCH_ARGS="--T 32768 --P 4 --shapes main" scripts/gpu_check.sh
+#   scripts/gpu_check.sh op        # 1-3 below: op correctness, fp32 and bf16     (step limits 5.5 min)
+#   scripts/gpu_check.sh model     # 4: numerical check, training, memory on CUDA (step limits 8 min)
+#   scripts/gpu_check.sh bench     # 5: scripts/bench_op.py                       (limit 9 min)
+#   scripts/gpu_check.sh           # all three
+#   BENCH_ARGS="--T 32768 --P 4 --shapes main" scripts/gpu_check.sh bench
 #
 # 1. FLA: install the wheels carried in .whl/ (no network on the GPU machine) unless FLA 0.6.0 is
 #    already importable; fla_cp itself runs from this checkout (PYTHONPATH). The wheels are pure
@@ -14,7 +19,12 @@
 #    process -- vs the torch backend and FLA's naive recurrence (tests/cp/test_op_triton_interpret.py).
 # 3. bf16 (default TF32 settings): the operator in bf16 vs fp32 on the same inputs, rel err <= 3e-3,
 #    P = 1 and 2; and our bf16 summaries vs fp32.
-# 4. scripts/bench_op.py: the per-rank cost table (BENCH_ARGS passed through).
+#    Steps 2-3 run untuned (FLA_CP_AUTOTUNE=0, which also prunes FLA's autotuners to their first
+#    config): tuning every kernel for every test shape would compile for minutes on a fresh machine.
+# 4. The model on CUDA with 2 gloo ranks on the one GPU (scripts/run_cp_tests.sh's steps): the
+#    numerical check (CP vs one device, fp32 with IEEE dots and bf16), 20 training steps in bf16, and
+#    per-rank peak memory at cp_size 1 and 2; untuned too (memory does not depend on the config).
+# 5. scripts/bench_op.py: the per-rank cost table (BENCH_ARGS passed through), autotuned.
 # Every step has a time limit; the summary at the end says what passed.
 set -u
 cd "$(dirname "$0")/.."
@@ -23,6 +33,12 @@ PY=${PYTHON:-python}
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 BENCH_ARGS=${BENCH_ARGS:-}
+STEPS=${*:-op model bench}
+for group in $STEPS; do
+  case $group in op|model|bench) ;; *) echo "unknown group '$group' (op, model, bench)"; exit 2 ;; esac
+done
+wants() { [[ " $STEPS " == *" $1 "* ]]; }
+TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node=2"
 
 declare -a NAMES STATUS TIMES
 run() {  # run NAME LIMIT_S CMD...
@@ -57,22 +73,43 @@ EOF
 $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "no CUDA device: nothing to check"; exit 1; }
 
 # --- 2. fp32 correctness on CUDA ----------------------------------------------------------------
-# untuned launches: many tiny shapes, where tuning every one would cost more than the tests
-export FLA_CP_AUTOTUNE=0
-# (the compile-for-sm_80/90 test is left to CI: on a GPU the suite runs the compiled kernels themselves)
-run fp32_kernels 90 env TRITON_F32_DEFAULT=ieee $PY -m pytest -q -x tests/cp/test_triton_kernels.py \
-    -k "not bf16 and not compile" -p no:cacheprovider
-run fp32_operator 150 env TRITON_F32_DEFAULT=ieee $PY -m pytest -q -x tests/cp/test_op_triton_interpret.py \
-    -k "not bf16" -p no:cacheprovider
+if wants op; then
+  # untuned launches, ours and FLA's: many tiny shapes, where tuning every one would cost more than
+  # the tests (see fla_cp/ops/triton/utils.py: untuned_autotuners)
+  export FLA_CP_AUTOTUNE=0
+  # (the compile-for-sm_80/90 test is left to CI: on a GPU the suite runs the compiled kernels themselves)
+  run fp32_kernels 90 env TRITON_F32_DEFAULT=ieee $PY -m pytest -q -x tests/cp/test_triton_kernels.py \
+      -k "not bf16 and not compile" -p no:cacheprovider
+  run fp32_operator 150 env TRITON_F32_DEFAULT=ieee $PY -m pytest -q -x tests/cp/test_op_triton_interpret.py \
+      -k "not bf16" -p no:cacheprovider
 
-# --- 3. bf16 ------------------------------------------------------------------------------------
-run bf16 90 $PY -m pytest -q tests/cp/test_op_triton_interpret.py tests/cp/test_triton_kernels.py \
-    -k bf16 -p no:cacheprovider
-unset FLA_CP_AUTOTUNE
+  # --- 3. bf16 ----------------------------------------------------------------------------------
+  run bf16 90 $PY -m pytest -q tests/cp/test_op_triton_interpret.py tests/cp/test_triton_kernels.py \
+      -k bf16 -p no:cacheprovider
+  unset FLA_CP_AUTOTUNE
+fi
 
-# --- 4. benchmark -------------------------------------------------------------------------------
-# shellcheck disable=SC2086
-run bench_op 240 $PY scripts/bench_op.py --rep 25 $BENCH_ARGS
+# --- 4. the model on CUDA -----------------------------------------------------------------------
+if wants model; then
+  export FLA_CP_AUTOTUNE=0
+  run model_reference 100 env TRITON_F32_DEFAULT=ieee $PY tests/cp/test_numerical_correctness.py \
+      --mode single --save_ref --ref "$OUT/reference.pt" --train_steps 3
+  run model_cp2 100 env TRITON_F32_DEFAULT=ieee $TORCHRUN tests/cp/test_numerical_correctness.py \
+      --mode cp --cp_size 2 --ref "$OUT/reference.pt"
+  run train_cp2 100 $TORCHRUN tests/cp/train_cp_real.py --cp_size 2 --steps 20 --warmup 2 --seq_len 8192 \
+      --batch_size 2 --bf16 --save_dir "$(mktemp -d)"
+  run memory_cp1 90 $PY tests/cp/benchmark_memory.py --cp_size 1 --seq_lens 8192,32768 \
+      --results_dir "$OUT/memory"
+  run memory_cp2 90 $TORCHRUN tests/cp/benchmark_memory.py --cp_size 2 --seq_lens 8192,32768 \
+      --results_dir "$OUT/memory" --plot "$OUT/memory_gpu.png"
+  unset FLA_CP_AUTOTUNE
+fi
+
+# --- 5. benchmark -------------------------------------------------------------------------------
+if wants bench; then
+  # shellcheck disable=SC2086
+  run bench_op 540 $PY scripts/bench_op.py --rep 25 $BENCH_ARGS
+fi
 
 echo
 echo "================================ summary ================================"

@@ -268,3 +268,16 @@ def test_bench_op_smoke():
         assert (shape, T) == ("tiny", "256")
         assert t_fla_cp != "n/a", res.stdout + res.stderr[-3000:]
         assert float(err) <= 1e-4, (P, mode, err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs for real")
+def test_gpu_check_groups_and_no_gpu(tmp_path):
+    """gpu_check.sh parses, refuses an unknown group before doing anything, and without CUDA says so
+    and fails (exit 1) instead of reporting a pass."""
+    script = str(ROOT / "scripts" / "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    env = {**os.environ, "OUT": str(tmp_path)}
+    bad = subprocess.run(["bash", script, "op", "benchmark"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown group 'benchmark'" in bad.stdout
+    run = subprocess.run(["bash", script, "op"], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "no CUDA device" in run.stdout, run.stdout + run.stderr
