@@ -40,18 +40,28 @@ from fla.layers.utils import get_layer_cache, update_layer_cache
 from fla_cp.layers.functional import gdn_gate, rms_norm, rms_norm_gated
 from fla_cp.layers.short_conv_cp import CONV_BACKENDS, causal_conv, conv_halo, resolve_conv_backend, window_index_of
 from fla_cp.ops import chunk_cp_gated_delta_rule, comm
+from fla_cp.ops.backends import BACKENDS as KERNEL_BACKENDS
 
 
 class GatedDeltaNetCP(GatedDeltaNet):
     """FLA's GatedDeltaNet layer whose forward also runs on a CP shard (see module docstring).
 
-    Takes FLA's constructor arguments plus `conv_backend="auto" | "fla" | "torch"`.
+    Takes FLA's constructor arguments plus the kernels it runs on:
+        kernel_backend: the GDN operator's, `chunk_cp_gated_delta_rule(backend=...)`: "auto" (triton on
+            CUDA, torch elsewhere), "triton", "torch" or a backend object (`fla_cp.ops.backends`).
+        conv_backend: the short conv's, `causal_conv(backend=...)`: "auto" (FLA's on CUDA, torch
+            elsewhere), "fla" or "torch".
+    Forcing "torch" on a GPU runs the pure-PyTorch path there: slower, but a second opinion.
     """
 
-    def __init__(self, *args, conv_backend: str = "auto", **kwargs):
+    def __init__(self, *args, kernel_backend="auto", conv_backend: str = "auto", **kwargs):
         if conv_backend not in CONV_BACKENDS:
             raise ValueError(f"conv_backend must be one of {CONV_BACKENDS}, got {conv_backend!r}")
+        if isinstance(kernel_backend, str) and kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS} or a backend object, "
+                             f"got {kernel_backend!r}")
         super().__init__(*args, **kwargs)
+        self.kernel_backend = kernel_backend
         self.conv_backend = conv_backend
 
     def forward(
@@ -104,12 +114,12 @@ class GatedDeltaNetCP(GatedDeltaNet):
         if cp is not None:
             o, recurrent_state = chunk_cp_gated_delta_rule(
                 q, k, v, g, beta, cp_context=cp, output_final_state=bool(use_cache),
-                use_qk_l2norm_in_kernel=True)
+                use_qk_l2norm_in_kernel=True, backend=self.kernel_backend)
         else:
             o, recurrent_state = chunk_cp_gated_delta_rule(
                 q, k, v, g, beta, cp_context=None, cu_seqlens=cu_seqlens,
                 initial_state=last_state['recurrent_state'] if last_state is not None else None,
-                output_final_state=bool(use_cache), use_qk_l2norm_in_kernel=True)
+                output_final_state=bool(use_cache), use_qk_l2norm_in_kernel=True, backend=self.kernel_backend)
 
         if past_key_values is not None:
             update_layer_cache(

@@ -256,3 +256,30 @@ def test_errors_single_process():
     expect_error(lambda: init_cp_mesh(2), "torch.distributed")
     expect_error(lambda: make_model(cp_size=2), "torch.distributed")
     expect_error(lambda: GatedDeltaNetCPConfig(cp_layout="ring"), "cp_layout")
+
+
+def test_config_picks_the_kernels(monkeypatch):
+    """kernel_backend / conv_backend go from the config (and from_pretrained's kwargs) to every layer:
+    the operator is called with the configured backend, and conv_backend="fla" reaches the conv."""
+    import fla_cp.layers.gated_deltanet_cp as layer_module
+    seen, real = [], layer_module.chunk_cp_gated_delta_rule
+
+    def spy(*args, backend="auto", **kwargs):
+        seen.append(backend)
+        return real(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(layer_module, "chunk_cp_gated_delta_rule", spy)
+    ids = torch.randint(0, VOCAB, (1, 12))
+    model = make_model(kernel_backend="torch")
+    with torch.no_grad():
+        model(ids)
+    assert seen == ["torch"] * SMALL["num_hidden_layers"]
+    with pytest.raises(ValueError, match="kernel_backend must be one of"):
+        GatedDeltaNetCPConfig(**SMALL, kernel_backend="cuda")
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        loaded = GatedDeltaNetCPForCausalLM.from_pretrained(d, conv_backend="fla")
+    assert loaded.config.kernel_backend == "torch" and loaded.model.layers[0].attn.conv_backend == "fla"
+    if not torch.cuda.is_available():   # FLA was imported compiled here: its conv cannot run on CPU
+        with pytest.raises(RuntimeError, match=r"GatedDeltaNetCP\(conv_backend='fla'\) off CUDA"):
+            loaded(ids)

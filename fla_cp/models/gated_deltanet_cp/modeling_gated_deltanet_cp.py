@@ -178,7 +178,8 @@ class GatedDeltaNetCPBlock(GradientCheckpointingLayer):
                 num_heads=config.num_heads, num_v_heads=config.num_v_heads, mode=config.attn_mode,
                 use_gate=config.use_gate, use_short_conv=config.use_short_conv,
                 allow_neg_eigval=config.allow_neg_eigval, conv_size=config.conv_size, layer_idx=layer_idx,
-                norm_eps=config.norm_eps, output_gate_activation=config.output_gate_activation)
+                norm_eps=config.norm_eps, output_gate_activation=config.output_gate_activation,
+                kernel_backend=config.kernel_backend, conv_backend=config.conv_backend)
         self.mlp_norm = (RMSNorm if config.fuse_norm else nn.RMSNorm)(config.hidden_size, eps=config.norm_eps)
         self.mlp = GatedMLP(hidden_size=config.hidden_size, hidden_ratio=config.hidden_ratio,
                             intermediate_size=config.intermediate_size, hidden_act=config.hidden_act,
