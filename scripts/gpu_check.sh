@@ -29,7 +29,7 @@
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}   # the GPU image has python3 only
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 BENCH_ARGS=${BENCH_ARGS:-}
@@ -55,7 +55,10 @@ run() {  # run NAME LIMIT_S CMD...
 if ! $PY -c "import fla, sys; sys.exit(fla.__version__ != '0.6.0')" 2>/dev/null; then
   if ls .whl/*.whl >/dev/null 2>&1; then
     echo "=== installing carried wheels: $(ls .whl/*.whl | xargs -n1 basename | tr '\n' ' ')"
-    $PY -m pip install --quiet --no-index --no-deps .whl/*.whl || echo "pip install of .whl/ failed"
+    # into a folder of our own: the image's environment may not be writable
+    $PY -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/fla_site .whl/*.whl || echo "pip install of .whl/ failed"
+    export PYTHONPATH="$PYTHONPATH:/tmp/fla_site"
   else
     echo "FLA 0.6.0 is not importable and no wheels are carried in .whl/"
   fi
