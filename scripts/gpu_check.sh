@@ -29,6 +29,7 @@
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1   # a step killed at its limit still leaves what it printed in its log
 PY=${PYTHON:-$(command -v python3 || command -v python)}   # the GPU image has python3 only
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
