@@ -33,8 +33,9 @@ def autotune_enabled() -> bool:
 def untuned_autotuners() -> None:
     """Make every `triton.autotune` kernel (FLA's included) honour `FLA_CP_AUTOTUNE=0`: its configs
     are pruned to the first one, so nothing is compiled or timed beyond the launch itself (Triton 3.7+
-    then skips benchmarking; 3.6 times the one config once). Read at each tuning, so the variable
-    may change at run time; a no-op while it is unset. Idempotent."""
+    then skips benchmarking; 3.6 times the one config once). Read whenever a kernel meets a new
+    tuning key (keys met before keep their config; Triton's on-disk tuning cache is keyed by the
+    config list, so untuned picks never stand in for tuned ones). A no-op while unset. Idempotent."""
     from triton.runtime import autotuner
     prune = autotuner.Autotuner.prune_configs
     if getattr(prune, 'fla_cp_untuned', False):
