@@ -14,7 +14,8 @@
 #    Python; fetch them on a machine with a package registry and carry `.whl` (git-ignored):
 #      pip download --no-deps flash-linear-attention==0.6.0 fla-core==0.6.0 einops -d .whl
 # 2. Correctness on CUDA, fp32 (TRITON_F32_DEFAULT=ieee so FLA's fp32 dots are IEEE, not TF32, and the
-#    1e-5 bar is meaningful): our summary kernels compiled (tests/cp/test_triton_kernels.py) and the
+#    1e-5 bar is meaningful): our summary kernels and FLA's short conv compiled
+#    (tests/cp/test_triton_kernels.py, test_short_conv.py::test_causal_conv_fla_compiled_cuda) and the
 #    whole operator with backend="triton" -- gloo ranks P = 2, 3 sharing the one GPU, plus single
 #    process -- vs the torch backend and FLA's naive recurrence (tests/cp/test_op_triton_interpret.py).
 # 3. bf16 (default TF32 settings): the operator in bf16 vs fp32 on the same inputs, rel err <= 3e-3,
@@ -83,7 +84,8 @@ if wants op; then
   export FLA_CP_AUTOTUNE=0
   # (the compile-for-sm_80/90 test is left to CI: on a GPU the suite runs the compiled kernels themselves)
   run fp32_kernels 90 env TRITON_F32_DEFAULT=ieee $PY -m pytest -q -x tests/cp/test_triton_kernels.py \
-      -k "not bf16 and not compile" -p no:cacheprovider
+      tests/cp/test_short_conv.py::test_causal_conv_fla_compiled_cuda -k "not bf16 and not compile" \
+      -p no:cacheprovider
   run fp32_operator 150 env TRITON_F32_DEFAULT=ieee $PY -m pytest -q -x tests/cp/test_op_triton_interpret.py \
       -k "not bf16" -p no:cacheprovider
 

@@ -61,11 +61,13 @@ def kernel_case(seed: int, W: int, D: int, halo: bool, bias: bool):
     return bounds, x, weight, b, init, gy, gf
 
 
-def run_kernel_case(seed: int, case: tuple, backend: str):
-    """y, final state and the gradients of x, weight, bias, init of one case on one backend."""
+def run_kernel_case(seed: int, case: tuple, backend: str, device: str = "cpu"):
+    """y, final state and the gradients of x, weight, bias, init of one case on one backend (on the
+    CPU when they come back)."""
     from fla_cp.layers.short_conv_cp import causal_conv
     W, D, halo, bias, act, strided = case
-    bounds, x, weight, b, init, gy, gf = kernel_case(seed, W, D, halo, bias)
+    bounds, x, weight, b, init, gy, gf = (t.to(device) if torch.is_tensor(t) else t
+                                          for t in kernel_case(seed, W, D, halo, bias))
     leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, weight, b, init)]
     xin = leaves[0]
     if strided:   # a column slice of a wider tensor: FLA reads x through its strides
@@ -73,22 +75,35 @@ def run_kernel_case(seed: int, case: tuple, backend: str):
     y, final = causal_conv(xin, leaves[1], leaves[2], bounds, leaves[3], activation=act,
                            output_final_state=True, backend=backend)
     ((y * gy).sum() + (final * gf).sum()).backward()
-    return [y.detach(), final.detach()] + [t.grad if t is not None else None for t in leaves]
+    return [t.detach().cpu() if t is not None else None
+            for t in [y, final] + [t.grad if t is not None else None for t in leaves]]
 
 
 NAMES = ["y", "final", "dx", "dweight", "dbias", "dinit"]
+
+
+def assert_kernel_case_close(case, seed, res, ref):
+    for name, a, r in zip(NAMES, res, ref):
+        assert (a is None) == (r is None), name
+        if r is not None:
+            assert a.shape == r.shape, f"{case} seed={seed}: {name} shape {a.shape} vs {r.shape}"
+            assert rel_err(a, r) <= TOL, f"{case} seed={seed}: {name} {rel_err(a, r):.2e}"
 
 
 @pytest.mark.timeout(300)
 def test_causal_conv_fla_matches_torch(single_rank):
     seed, got = single_rank["kernel"]
     for case, res in zip(KERNEL_CASES, got):
-        ref = run_kernel_case(seed, case, "torch")
-        for name, a, r in zip(NAMES, res, ref):
-            assert (a is None) == (r is None), name
-            if r is not None:
-                assert a.shape == r.shape, f"{case} seed={seed}: {name} shape {a.shape} vs {r.shape}"
-                assert rel_err(a, r) <= TOL, f"{case} seed={seed}: {name} {rel_err(a, r):.2e}"
+        assert_kernel_case_close(case, seed, res, run_kernel_case(seed, case, "torch"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FLA's conv compiled needs a GPU")
+def test_causal_conv_fla_compiled_cuda():
+    """The same cases on a GPU: FLA's compiled kernels vs the window sum on the CPU."""
+    seed = torch.randint(0, 2**31 - 1, ()).item()
+    for case in KERNEL_CASES:
+        assert_kernel_case_close(case, seed, run_kernel_case(seed, case, "fla", device="cuda"),
+                                 run_kernel_case(seed, case, "torch"))
 
 
 # ------------------------------------------------------------------ layer, P ranks
