@@ -32,6 +32,8 @@ TRITON_INTERPRET=1 was set they cannot be called from an interpreted kernel.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -311,7 +313,14 @@ def _grid(n: int, HV: int, columns: int):
 
 
 def _segment_ids(segments, device) -> torch.Tensor:
-    return torch.as_tensor(list(segments), dtype=torch.int32, device=device)
+    return _segment_ids_on(tuple(segments), torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _segment_ids_on(segments: tuple, device: torch.device) -> torch.Tensor:
+    """Kept per (segments, device): a host-to-GPU copy from pageable memory waits for the stream, and
+    every layer of a model asks for the same few lists (never written to)."""
+    return torch.tensor(segments, dtype=torch.int32, device=device)
 
 
 def _summaries(launch, out: str, segments, with_m: bool, H: int, HV: int, K: int, V: int, chunk_size: int,
