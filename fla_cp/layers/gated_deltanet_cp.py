@@ -23,7 +23,8 @@ unchanged. Only `forward` differs:
   on CUDA, as FLA's layer does (the CP halo / decode cache is its per-sequence `initial_state`), and
   the pure-PyTorch window sum elsewhere; "fla" / "torch" force one (off CUDA "fla" needs Triton's
   interpreter, for tests). The decode step has no separate path: it is this conv with the cache as
-  initial state (FLA's single-token `causal_conv1d_update` is not used).
+  initial state (FLA's single-token `causal_conv1d_update` is not used). `kernel_backend` likewise
+  picks the GDN operator's kernels (`chunk_cp_gated_delta_rule(backend=...)`).
 - `past_key_values`/`use_cache`: FLA's `Cache`; the recurrent state is stored as `[N, HV, K, V]`
   (fla_cp's layout, not FLA's `state_v_first`) and the conv state as FLA's `(q, k, v)` tuple of
   `[N, D, W]`. Under CP the cache must start empty (prefill); the states of every sequence are then
