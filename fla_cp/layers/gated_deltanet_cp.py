@@ -185,17 +185,14 @@ class GatedDeltaNetCP(GatedDeltaNet):
             init = state[..., 1:].transpose(1, 2)
 
         backend = resolve_conv_backend(self.conv_backend, x, who=f"GatedDeltaNetCP(conv_backend={self.conv_backend!r})")
-        windows = cu = None
+        windows = None
         if cp is not None and backend == "torch":   # the same for every layer of this forward
             windows = cp.memo(("conv_windows", B, W, init is not None, str(x.device)),
                               lambda: window_index_of(flat_bounds, B * T, W, init is not None).to(x.device))
-        elif cp is not None:
-            cu = cp.memo(("conv_cu_seqlens", B, str(x.device)),
-                         lambda: torch.tensor([0] + [e for _, e in flat_bounds], device=x.device))
         # FLA's layer: the q/k/v convs' weights [D, W] and biases (None without conv_bias), their activation
         y, final = causal_conv(x.reshape(B * T, C), weight, bias, flat_bounds, init,
                                activation=self.q_conv1d.activation, output_final_state=bool(use_cache),
-                               window_index=windows, backend=backend, cu_seqlens=cu)
+                               window_index=windows, backend=backend)
         q, k, v = torch.split(y.view(B, T, C), [self.key_dim, self.key_dim, self.value_dim], -1)
 
         conv_state = None

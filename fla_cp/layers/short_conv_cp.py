@@ -28,6 +28,8 @@ sequence's last W inputs (oldest first).
 from __future__ import annotations
 
 import bisect
+import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +48,6 @@ def causal_conv(
     output_final_state: bool = False,
     window_index: torch.Tensor | None = None,
     backend: str = "auto",
-    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal depthwise conv over a flat stream of segments.
 
@@ -59,13 +60,11 @@ def causal_conv(
         backend: "auto" (FLA's Triton `causal_conv1d` on CUDA, "torch" elsewhere), "fla" (FLA's
             kernel on any device; off CUDA in Triton's interpreter, which must have been on when FLA
             was imported) or "torch" (the window sum). See the module docstring.
-        cu_seqlens: fla backend only: `[0, end_0, ..., end_{S-1}]` on x's device, when the caller keeps
-            it across layers.
     Returns:
         y `[N, D]`, and when `output_final_state` the last W inputs of every segment `[S, D, W]`.
     """
     if resolve_conv_backend(backend, x) == "fla":
-        return _causal_conv_fla(x, weight, bias, bounds, init, activation, output_final_state, cu_seqlens)
+        return _causal_conv_fla(x, weight, bias, bounds, init, activation, output_final_state)
     N, D = x.shape
     W = weight.shape[-1]
     S = len(bounds)
@@ -120,53 +119,65 @@ def resolve_conv_backend(backend: str, x: torch.Tensor, who: str | None = None) 
     return backend
 
 
-def _cu_seqlens_of(bounds: list[tuple[int, int]], N: int) -> torch.Tensor:
-    """`[0, end_0, ..., end_{S-1}]` (host, int64) of segments that must tile `[0, N)` in order."""
+def _check_tiling(bounds: list[tuple[int, int]], N: int) -> None:
+    """Segments must tile `[0, N)` in order (FLA's conv takes them as a packed batch)."""
     ends = [e for _, e in bounds]
     if [s for s, _ in bounds] != [0] + ends[:-1] or (ends[-1] if ends else 0) != N:
         raise ValueError(f"segments {bounds[:4]}... do not cover the {N} local tokens")
-    return torch.tensor([0] + ends, dtype=torch.long)
 
 
-def _causal_conv_fla(x, weight, bias, bounds, init, activation, output_final_state, cu_seqlens):
+def _causal_conv_fla(x, weight, bias, bounds, init, activation, output_final_state):
     """`causal_conv` on FLA's Triton kernels: every segment is one sequence of a packed batch and its
     W-1 predecessors (halo or cache) are its `initial_state` `[D, W]`, column 0 unused by FLA."""
     from fla.modules.causal_conv1d import causal_conv1d
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"unsupported activation {activation!r}")
-    N, _ = x.shape
-    cu_cpu = _cu_seqlens_of(bounds, N)
-    if cu_seqlens is None:
-        cu_seqlens = cu_cpu.to(x.device)
+    _check_tiling(bounds, x.shape[0])
+    W = weight.shape[-1]
+    tables = _segment_tables(tuple(map(tuple, bounds)), W, init is not None, x.device)
     h0 = None
     if init is not None:
         h0 = F.pad(init.to(x.dtype).transpose(1, 2), (1, 0))            # [S, D, W]
     y, _ = causal_conv1d(x.unsqueeze(0), weight, bias, initial_state=h0, activation=activation,
-                         backend="triton", cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_cpu)
-    final = _last_inputs(x, init, bounds, weight.shape[-1]) if output_final_state else None
+                         backend="triton", cu_seqlens=tables.cu_seqlens, cu_seqlens_cpu=tables.cu_seqlens_cpu)
+    final = _last_inputs(x, init, tables, len(bounds), W) if output_final_state else None
     return y[0], final
 
 
-def _last_inputs(x: torch.Tensor, init: torch.Tensor | None, bounds: list[tuple[int, int]], W: int) -> torch.Tensor:
-    """The last W inputs of every segment, oldest first, `[S, D, W]`: x, then `init` before a
-    segment's start, then zeros. Plain copies (the torch backend's final state, bitwise), gathered
-    from S * W rows of x rather than a copy of x."""
+class _SegmentTables(NamedTuple):
+    cu_seqlens_cpu: torch.Tensor    # [S+1] segment boundaries, host
+    cu_seqlens: torch.Tensor        # the same on x's device
+    last_rows: torch.Tensor         # [S*W] rows of x read for the final states (clamped at 0)
+    last_index: torch.Tensor        # [S, W] row of [x rows; init rows; zero] per final-state slot
+
+
+@functools.lru_cache(maxsize=16)
+def _segment_tables(bounds: tuple, W: int, has_init: bool, device: torch.device) -> _SegmentTables:
+    """Index tensors of one segment layout, built once: every layer of a forward and every decode step
+    asks for the same ones, and a host-to-GPU copy waits for the stream. Returning the same tensor
+    objects also lets FLA's own index cache (keyed on tensor identity) hit."""
     S, H = len(bounds), W - 1
+    cu_cpu = torch.tensor([0] + [e for _, e in bounds], dtype=torch.long)
     pos = torch.tensor([[e - W + j for j in range(W)] for _, e in bounds], dtype=torch.long).view(S, W)
     start = torch.tensor([s for s, _ in bounds], dtype=torch.long)[:, None]
     before = start - pos                                              # > 0: before the segment
-    parts = [x.index_select(0, pos.clamp_min(0).flatten().to(x.device))]   # rows 0 .. S*W-1
-    zero_row = S * W
-    fill = torch.full_like(pos, zero_row)
-    if init is not None:
-        parts.append(init.reshape(S * H, -1).to(x.dtype))              # rows S*W + s*H + i
-        zero_row += S * H
+    fill = torch.full_like(pos, S * W)                                # the zero row after x's S*W rows
+    if has_init:                                                      # init rows S*W + s*H + i, then zero
         from_init = S * W + torch.arange(S)[:, None] * H + H - before
-        fill = torch.where(before <= H, from_init, zero_row)
-    parts.append(x.new_zeros(1, x.shape[1]))
-    src = torch.cat(parts, 0)
+        fill = torch.where(before <= H, from_init, S * W + S * H)
     index = torch.where(before > 0, fill, torch.arange(S * W).view(S, W))
-    return src[index.to(x.device)].transpose(1, 2).contiguous()
+    return _SegmentTables(cu_cpu, cu_cpu.to(device), pos.clamp_min(0).flatten().to(device), index.to(device))
+
+
+def _last_inputs(x: torch.Tensor, init: torch.Tensor | None, tables: _SegmentTables, S: int, W: int) -> torch.Tensor:
+    """The last W inputs of every segment, oldest first, `[S, D, W]`: x, then `init` before a
+    segment's start, then zeros. Plain copies (the torch backend's final state, bitwise), gathered
+    from S * W rows of x rather than a copy of x."""
+    parts = [x.index_select(0, tables.last_rows)]                     # rows 0 .. S*W-1
+    if init is not None:
+        parts.append(init.reshape(S * (W - 1), -1).to(x.dtype))       # rows S*W + s*(W-1) + i
+    parts.append(x.new_zeros(1, x.shape[1]))
+    return torch.cat(parts, 0)[tables.last_index].transpose(1, 2).contiguous()
 
 
 def _window_sum(src: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
