@@ -15,9 +15,13 @@ unchanged. Only `forward` differs:
   results: padded positions are made *neutral* instead of being removed — their conv input is zero,
   their decay is 1 (g = 0) and their write strength is 0 (beta = 0), so the state and the conv window
   of the first real token are exactly those of an unpadded sequence, and their outputs are zero.
-  This keeps a dense CP split valid for padded rows. (Holes in the middle of a row are not FLA's
-  semantics — FLA would join the pieces — and are not supported.) Under CP the mask may be global
-  `[B, T]` or this rank's `[B, T_loc]`.
+  This keeps a dense CP split valid for padded rows. The mask must hold only 0/1 and each row's
+  tokens must be one contiguous run (left, right or both-sided padding): a hole (`[1, 1, 0, 1, 1]`) is
+  not padding — FLA would join the pieces, here the conv window would see the zeros — so it raises
+  ValueError at prefill (not at decode steps, whose mask is the growing global one). Under CP the
+  mask may be global `[B, T]` (every rank checks whole rows; preferred) or this rank's `[B, T_loc]`:
+  then each rank can only check its own tokens, and a hole spanning ranks (e.g. a row whose tokens
+  end on one rank and start again on the next) is not detected — that would take a collective.
 - `conv_backend` (constructor keyword, not a parameter or buffer): the short conv's kernel, see
   `fla_cp.layers.short_conv_cp.causal_conv`. "auto" (default) runs FLA's fused Triton `causal_conv1d`
   on CUDA, as FLA's layer does (the CP halo / decode cache is its per-sequence `initial_state`), and
@@ -74,16 +78,15 @@ class GatedDeltaNetCP(GatedDeltaNet):
         past_key_values=None,
         use_cache: bool | None = False,
         output_attentions: bool | None = False,
+        verify_agreement: bool = True,
         **kwargs,
     ):
         cp = cp_context
-        B, T, _ = hidden_states.shape
         last_state = get_layer_cache(module=self, past_key_values=past_key_values)
-        if cp is not None and last_state is not None:
-            raise ValueError("GatedDeltaNetCP: a CP forward must start from an empty cache (CP prefill); "
-                             "decode steps run without cp_context")
-        if cp is not None and cp.packed and B != 1:
-            raise ValueError(f"packed CP input must have batch size 1, got {B}")
+        if cp is not None:
+            # before the first collective (the conv halo): bad or mismatched input must raise, not hang
+            self.check_cp_call(hidden_states, cp, attention_mask, use_cache, last_state, verify_agreement)
+        B, T, _ = hidden_states.shape
         if cp is None and cu_seqlens is not None and B != 1:
             raise ValueError(f"cu_seqlens requires batch size 1, got {B}")
 
@@ -115,7 +118,7 @@ class GatedDeltaNetCP(GatedDeltaNet):
         if cp is not None:
             o, recurrent_state = chunk_cp_gated_delta_rule(
                 q, k, v, g, beta, cp_context=cp, output_final_state=bool(use_cache),
-                use_qk_l2norm_in_kernel=True, backend=self.kernel_backend)
+                use_qk_l2norm_in_kernel=True, backend=self.kernel_backend, verify_agreement=False)
         else:
             o, recurrent_state = chunk_cp_gated_delta_rule(
                 q, k, v, g, beta, cp_context=None, cu_seqlens=cu_seqlens,
@@ -137,6 +140,87 @@ class GatedDeltaNetCP(GatedDeltaNet):
             o = o * mask.unsqueeze(-1).to(o.dtype)
         return o, None, past_key_values
 
+    # ------------------------------------------------------------------ CP checks
+    def check_cp_call(self, hidden_states, cp, attention_mask=None, use_cache=False, last_state=None,
+                      verify_agreement: bool = True, extra_fields: dict | None = None, extra_error: str | None = None,
+                      what: str = "GatedDeltaNetCP"):
+        """Raise ValueError (naming the rank) on bad CP input; with `verify_agreement`, on every rank
+        when any rank's input is bad or ranks disagree (one tiny all_gather, skipped for one rank).
+
+        The CP model calls this once per forward for all its layers (adding its own `extra_fields` and
+        `extra_error`) and then runs the layers with `verify_agreement=False`.
+        """
+        error = extra_error or self._cp_input_error(hidden_states, cp, attention_mask, last_state)
+        if verify_agreement and cp.world_size > 1:
+            fields = self.agreement_fields(hidden_states, cp, attention_mask, use_cache)
+            comm.check_agreement(cp.group, error, {**fields, **(extra_fields or {})}, what=what)
+        elif error:
+            raise ValueError(f"{what}: rank {cp.rank}: {error}")
+
+    def _cp_input_error(self, hidden_states, cp, attention_mask, last_state) -> str | None:
+        """This rank's problem with a CP call, or None. Nothing here communicates."""
+        if not torch.is_tensor(hidden_states) or hidden_states.dim() != 3:
+            got = tuple(hidden_states.shape) if torch.is_tensor(hidden_states) else type(hidden_states).__name__
+            return f"hidden_states must be [B, T_loc, D], got {got}"
+        B, T, D = hidden_states.shape
+        if D != self.hidden_size:
+            return f"hidden_states has D={D} but the layer's hidden_size is {self.hidden_size}"
+        if T != cp.local_len:
+            return (f"hidden_states holds {T} tokens but cp_context gives this rank {cp.local_len} "
+                    f"(global length {cp.total_len}); shard inputs with cp_context.shard(x, dim=1)")
+        if last_state is not None:
+            return "a CP forward must start from an empty cache (CP prefill); decode steps run without cp_context"
+        if cp.packed and B != 1:
+            return f"packed CP input (cu_seqlens) must have batch size 1, got B={B}"
+        if attention_mask is not None and not cp.packed:
+            if (attention_mask.dim() != 2 or attention_mask.shape[0] != B
+                    or attention_mask.shape[1] not in (T, cp.total_len)):
+                return (f"attention_mask must be a [B, T] 0/1 padding mask, global [{B}, {cp.total_len}] or "
+                        f"this rank's [{B}, {T}], got {tuple(attention_mask.shape)}")
+            error = self._padding_mask_error(attention_mask)
+            if error and attention_mask.shape[1] != cp.total_len:
+                error += " (positions within this rank's shard of the row)"
+            return error
+        return None
+
+    @staticmethod
+    def _padding_mask_error(attention_mask) -> str | None:
+        """Why a `[B, T]` mask is not a padding mask (only 0/1; each row's ones one contiguous run), or
+        None. One host sync."""
+        ones = attention_mask != 0
+        nonbinary = (ones & (attention_mask != 1)).any(-1)
+        runs = ones[:, :1].sum(-1) + (ones[:, 1:] & ~ones[:, :-1]).sum(-1)
+        bad = (nonbinary | (runs > 1)).nonzero().flatten().tolist()
+        if not bad:
+            return None
+        b = bad[0]
+        if nonbinary[b]:
+            values = sorted(set(attention_mask[b].tolist()))
+            return f"attention_mask must be a 0/1 padding mask; row {b} holds {values[:6]}"
+        pos = ones[b].nonzero().flatten().tolist()
+        i, j = next((i, j) for i, j in zip(pos, pos[1:]) if j > i + 1)
+        return (f"attention_mask row {b} has a hole (padding at positions {i + 1}..{j - 1} between tokens): only "
+                f"left or right padding is supported (each row's 1s must be contiguous)")
+
+    def agreement_fields(self, hidden_states, cp, attention_mask, use_cache) -> dict[str, list[int]]:
+        """What every rank of a CP call must share: the shapes of every collective in this layer (conv
+        halo, states, cache gather) follow from these and the layer's own sizes."""
+        shape = list(hidden_states.shape) if torch.is_tensor(hidden_states) and hidden_states.dim() == 3 else [0] * 3
+        # cp None: a model-level check of a step without a split (decode, or this rank's split failed)
+        split = cp.fingerprint() + [bool(cp.packed)] if cp is not None else [0] * 6
+        device_type = hidden_states.device.type if torch.is_tensor(hidden_states) else "cpu"
+        autocast = torch.is_autocast_enabled(device_type)
+        return {
+            "batch size and dtype of hidden_states": [shape[0], comm.dtype_code(getattr(hidden_states, "dtype", None))],
+            "autocast (enabled, dtype)": [autocast, comm.dtype_code(torch.get_autocast_dtype(device_type))
+                                          if autocast else 0],
+            "use_cache": [bool(use_cache)],
+            "attention_mask given": [attention_mask is not None],
+            "layer sizes (D, H, HV, K, V, conv)": [self.hidden_size, self.num_heads, self.num_v_heads, self.head_k_dim,
+                                                   self.head_v_dim, self.conv_size if self.use_short_conv else 0],
+            "cp_context (world size, layout, cu_seqlens, packed)": split,
+        }
+
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def _local_mask(attention_mask, cp, cu_seqlens, T):
@@ -150,6 +234,11 @@ class GatedDeltaNetCP(GatedDeltaNet):
         elif attention_mask.shape[-1] != T:
             # decoding: FLA reads the mask's last q_len columns
             attention_mask = attention_mask[:, -T:]
+        elif cp is None:
+            # a prefill without CP (under CP, check_cp_call has checked the mask on every rank)
+            error = GatedDeltaNetCP._padding_mask_error(attention_mask)
+            if error:
+                raise ValueError(f"GatedDeltaNetCP: {error}")
         return attention_mask.float()
 
     @staticmethod

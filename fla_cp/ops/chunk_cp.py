@@ -12,9 +12,12 @@ one flattened packed stream and never sees the group.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from fla_cp.ops import comm
 from fla_cp.ops.backends import get_backend
@@ -212,6 +215,7 @@ class ChunkCPGatedDeltaRuleFunction(torch.autograd.Function):
         return o.reshape(*v.shape), final_state
 
     @staticmethod
+    @once_differentiable  # the backward is not itself differentiable: double backward raises, not lies
     def backward(ctx, do, dht):
         q, k, v, g, beta, initial_state, incoming, *kept = ctx.saved_tensors
         plan, backend = ctx.plan, ctx.backend
@@ -270,8 +274,9 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _local_error(q, k, v, g, beta, cp: CPContext, initial_state, cu_seqlens) -> str | None:
-    """First problem with this rank's arguments, or None. Nothing here communicates."""
+def _local_error(q, k, v, g, beta, cp: CPContext, initial_state, cu_seqlens, scale) -> str | None:
+    """First problem with this rank's arguments, or None. Nothing here communicates and nothing
+    raises: a rank that raised before the agreement check would leave the others waiting in it."""
     named = dict(q=q, k=k, v=v, g=g, beta=beta)
     for name, x in named.items():
         if not torch.is_tensor(x):
@@ -297,6 +302,9 @@ def _local_error(q, k, v, g, beta, cp: CPContext, initial_state, cu_seqlens) -> 
             return f"{name} has shape {tuple(named[name].shape)}; expected [B, T, HV] = [{B}, {T}, {HV}]"
     if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
         return f"head dims K={K}, V={V} exceed {MAX_HEAD_DIM}"
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not math.isfinite(scale)):
+        return f"scale must be a finite number or None, got {scale!r}"
     if comm.world_size(cp.group) != cp.world_size:
         return (f"cp_context was built for {cp.world_size} ranks but its group has "
                 f"{comm.world_size(cp.group)}")
@@ -306,6 +314,8 @@ def _local_error(q, k, v, g, beta, cp: CPContext, initial_state, cu_seqlens) -> 
     if cp.packed and B != 1:
         return f"packed input (cu_seqlens) needs batch size 1, got B={B}"
     if cu_seqlens is not None:
+        if not (torch.is_tensor(cu_seqlens) or isinstance(cu_seqlens, (list, tuple))):
+            return f"cu_seqlens must be a 1-D integer tensor or list, got {type(cu_seqlens).__name__}"
         cu = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
         if cu != cp.cu_seqlens.tolist():
             return "cu_seqlens differs from the one cp_context was built with"
@@ -314,9 +324,27 @@ def _local_error(q, k, v, g, beta, cp: CPContext, initial_state, cu_seqlens) -> 
         if not torch.is_tensor(initial_state) or tuple(initial_state.shape) != (N, HV, K, V):
             got = tuple(initial_state.shape) if torch.is_tensor(initial_state) else type(initial_state).__name__
             return f"initial_state must have shape [N={N}, HV={HV}, K={K}, V={V}], got {got}"
+        if initial_state.dtype not in _DTYPES:
+            return f"initial_state must be a floating tensor, got {initial_state.dtype}"
         if initial_state.device != q.device:
             return f"initial_state is on {initial_state.device} but q is on {q.device}"
     return None
+
+
+def _check_call_agreement(cp: CPContext, error, q, v, initial_state, output_final_state, l2norm_qk, scale):
+    """One tiny all_gather: raise the same ValueError on every rank if any rank's arguments are bad or
+    ranks disagree on what shapes the state collectives depend on (or on what they compute)."""
+    ok = error is None
+    h0_dtype = comm.dtype_code(initial_state.dtype) if ok and initial_state is not None else 0
+    comm.check_agreement(cp.group, error, {
+        "B/H/K/HV/V of q, k, v": [q.shape[0], q.shape[2], q.shape[3], v.shape[2], v.shape[3]] if ok else [0] * 5,
+        "dtype of q, k, v": [comm.dtype_code(q.dtype) if ok else 0],
+        "initial_state (given, dtype)": [initial_state is not None, h0_dtype],
+        "output_final_state": [bool(output_final_state)],
+        "use_qk_l2norm_in_kernel": [bool(l2norm_qk)],
+        "scale (after defaulting to K ** -0.5)": [float(scale) if ok else 0.0],
+        "cp_context (world size, layout, cu_seqlens)": cp.fingerprint(),
+    }, what="chunk_cp_gated_delta_rule")
 
 
 def chunk_cp_gated_delta_rule(
@@ -332,6 +360,7 @@ def chunk_cp_gated_delta_rule(
     use_qk_l2norm_in_kernel: bool = False,
     backend: str | LocalBackend = "auto",
     cu_seqlens: torch.Tensor | None = None,
+    verify_agreement: bool = True,
 ):
     r"""Gated DeltaNet over a sequence split across the ranks of a CP group; exact.
 
@@ -349,6 +378,11 @@ def chunk_cp_gated_delta_rule(
         use_qk_l2norm_in_kernel: l2-normalise q and k over the head dim first.
         backend: "auto" (triton on CUDA, torch elsewhere) | "torch" | "triton", or a backend object
             (`fla_cp.ops.backends`), e.g. `TritonBackend(local_kernels="fla")`.
+        verify_agreement: check that every rank passes the same shapes, dtype, flags and context
+            (one tiny all_gather) before the state collectives, so a mismatch raises instead of
+            hanging. False skips only that collective (this rank's own checks still run); for callers
+            that already checked agreement for the whole call, as `GatedDeltaNetCP` and the CP model
+            do once per layer / per forward.
 
     Returns:
         o `[B, T_loc, HV, V]` (q's dtype) and the final state (or None).
@@ -358,29 +392,41 @@ def chunk_cp_gated_delta_rule(
     gradient summed over the group (as `torch.distributed.nn.functional.all_gather` does). Local
     inputs get exactly their single-device gradients.
 
-    Bad input raises ValueError on every rank, naming the argument and the rank.
+    Bad input raises ValueError on every rank, naming the argument and the rank. Two mistakes cannot
+    be told to the other ranks, because they leave this rank without the group: `cp_context=None` or
+    a non-context on one rank only (that rank runs alone or raises TypeError; the others wait).
+
+    Backward is collective too: every rank of the group must backpropagate through this call's
+    outputs (a rank whose loss does not depend on them leaves the others waiting in the backward
+    all_gather; use `0 * o.sum()` there). Double backward is not supported and raises.
+    Compute is fp32 inside (states, summaries, chunk math) for fp32, bf16 and fp16 inputs; float64
+    inputs are accepted but also computed in fp32.
     """
     cp = cp_context
     if cp is None:
         T = q.shape[1] if torch.is_tensor(q) and q.ndim >= 2 else 0
         cp = single_process_context(T, cu_seqlens)
-    error = _local_error(q, k, v, g, beta, cp, initial_state, cu_seqlens)
-    shape = [0] * 6 if error else [q.shape[0], q.shape[2], q.shape[3], v.shape[2], v.shape[3], _DTYPES.index(q.dtype)]
-    comm.check_agreement(cp.group, error, {
-        "B/H/K/HV/V/dtype of q, k, v": shape,
-        "initial_state given": [initial_state is not None],
-        "output_final_state": [bool(output_final_state)],
-        "use_qk_l2norm_in_kernel": [bool(use_qk_l2norm_in_kernel)],
-        "scale": [round((scale or 0.0) * 1e9)],
-        "cp_context (world size, layout, cu_seqlens)": [cp.world_size, cp.layout == "zigzag", cp.total_len,
-                                                         cp.num_seqs, int(cp.cu_seqlens.sum())],
-    }, what="chunk_cp_gated_delta_rule")
+    elif not isinstance(cp, CPContext):
+        # no group to tell the other ranks through: this rank raises alone (see the docstring)
+        raise TypeError(f"chunk_cp_gated_delta_rule: cp_context must be a CPContext from build_cp_context, "
+                        f"got {type(cp).__name__}")
+    error = _local_error(q, k, v, g, beta, cp, initial_state, cu_seqlens, scale)
+    impl = None
+    if error is None:
+        if scale is None:
+            scale = q.shape[-1] ** -0.5
+        try:
+            impl = get_backend(backend, q.device)
+        except (ValueError, ImportError, RuntimeError) as e:
+            error = str(e)
+    if not verify_agreement or cp.world_size == 1:
+        if error:
+            raise ValueError(f"chunk_cp_gated_delta_rule: rank {cp.rank}: {error}")
+    else:
+        _check_call_agreement(cp, error, q, v, initial_state, output_final_state, use_qk_l2norm_in_kernel, scale)
 
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
-    impl = get_backend(backend, q.device)
     return ChunkCPGatedDeltaRuleFunction.apply(
         q, k, v, g, beta, initial_state, _Plan(cp, q.shape[0]), float(scale), bool(output_final_state), impl)
 

@@ -6,6 +6,9 @@ collectives and versions, and everything sent here is small (states, not activat
 """
 from __future__ import annotations
 
+import struct
+import zlib
+
 import torch
 import torch.distributed as dist
 
@@ -73,19 +76,34 @@ def all_reduce_sum_(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
-def check_agreement(group, local_error: str | None, fields: dict[str, list[int]], what: str) -> None:
+def dtype_code(dtype: torch.dtype | None) -> int:
+    """The same integer for the same dtype in every process (for agreement fields); 0 for None."""
+    return 0 if dtype is None else zlib.crc32(str(dtype).encode())
+
+
+def _float_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _bits_float(n: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", n))[0]
+
+
+def check_agreement(group, local_error: str | None, fields: dict[str, list[int | float]], what: str) -> None:
     """Raise the same ValueError on every rank if any rank found bad input or ranks disagree.
 
-    One tiny int64 all_gather carries an error flag plus each field's integers; the messages of the
-    failing ranks travel only when something is wrong. Call it before any collective whose shapes
-    depend on the checked fields, so bad input never turns into a hang.
+    One tiny int64 all_gather carries an error flag plus each field's values; the messages of the
+    failing ranks travel only when something is wrong. Floats travel as their exact bits (no rounding:
+    0.0 and 1e-12 differ). Call it before any collective whose shapes depend on the checked fields, so
+    bad input never turns into a hang.
     """
     rank = dist.get_rank(group) if group is not None else 0
     if world_size(group) == 1:
         if local_error:
             raise ValueError(f"{what}: rank {rank}: {local_error}")
         return
-    flat = [1 if local_error else 0] + [int(v) for vals in fields.values() for v in vals]
+    flat = [1 if local_error else 0] + [_float_bits(v) if isinstance(v, float) else int(v)
+                                        for vals in fields.values() for v in vals]
     gathered = all_gather(torch.tensor(flat, dtype=torch.long, device=collective_device(group)), group).cpu()
     if gathered[:, 0].any():
         messages = [None] * dist.get_world_size(group)
@@ -99,5 +117,7 @@ def check_agreement(group, local_error: str | None, fields: dict[str, list[int]]
         differ = (cols != cols[0]).any(dim=1).nonzero().flatten().tolist()
         if differ:
             r = differ[0]
-            raise ValueError(f"{what}: {name} differs between ranks: rank 0 has {cols[0].tolist()}, "
-                             f"rank {r} has {cols[r].tolist()} (seen on rank {rank})")
+            shown = [[_bits_float(n) if isinstance(v, float) else n for n, v in zip(row.tolist(), vals)]
+                     for row in (cols[0], cols[r])]
+            raise ValueError(f"{what}: {name} differs between ranks: rank 0 has {shown[0]}, "
+                             f"rank {r} has {shown[1]} (seen on rank {rank})")

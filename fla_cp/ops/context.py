@@ -7,6 +7,7 @@ context; no tensor on the compute device is touched until `shard`/`unshard`.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -89,6 +90,11 @@ class CPContext:
     def local_len(self) -> int:
         return sum(e - s for s, e in self.local_ranges)
 
+    def fingerprint(self) -> list[int]:
+        """Integers that differ between contexts describing different splits; for agreement checks."""
+        return [self.world_size, LAYOUTS.index(self.layout), self.total_len, self.num_seqs,
+                _checksum(self.cu_seqlens.tolist())]
+
     def local_cu_seqlens(self, device=None) -> torch.Tensor:
         """Boundaries of this rank's segments within its local tokens, int64 `[S+1]`."""
         bounds = [0] + [s.end for s in self.segments]
@@ -108,23 +114,32 @@ class CPContext:
             return x.narrow(dim, s, e - s)
         return x.index_select(dim, self._local_index(x.device))
 
-    def unshard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    def unshard(self, x: torch.Tensor, dim: int = 1, grad: str = "sum") -> torch.Tensor:
         """All-gather local shards back into global order, on every rank.
 
-        Differentiable: the gradient of the replicated result is summed over the group (like
-        `torch.distributed.nn.functional.all_gather`), then this rank's slice is returned.
+        Differentiable (every rank must then run the backward: it is a collective). `grad` says how the
+        gradients the ranks send back to the replicated result combine before this rank keeps its slice:
+            "sum"   summed over the group (like `torch.distributed.nn.functional.all_gather`): right when
+                    each rank's loss is a different part of the total;
+            "mean"  averaged over the group: right when every rank computes the *same* loss on the
+                    gathered tensor, so that after `sync_gradients` (a sum over the group) that loss
+                    counts once. Anything replicated after the gather (a projection applied to the
+                    gathered tensor on every rank) then still holds the full gradient on every rank,
+                    and needs its own 1/world_size.
         """
+        if grad not in ("sum", "mean"):
+            raise ValueError(f"unshard: grad must be 'sum' or 'mean', got {grad!r}")
         if x.shape[dim] != self.local_len:
             raise ValueError(f"rank {self.rank}: unshard expects {self.local_len} local tokens along dim "
                              f"{dim}, got {tuple(x.shape)}")
-        return _Unshard.apply(x, self, dim)
+        return _Unshard.apply(x, self, dim, grad == "mean")
 
 
 class _Unshard(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, cp: CPContext, dim: int):
-        ctx.cp, ctx.dim = cp, dim
+    def forward(ctx, x, cp: CPContext, dim: int, mean: bool = False):
+        ctx.cp, ctx.dim, ctx.mean = cp, dim, mean
         if cp.world_size == 1:
             return x.clone()
         owned = [parts_of_rank(cp.layout, r, cp.world_size) for r in range(cp.world_size)]
@@ -143,8 +158,11 @@ class _Unshard(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         cp = ctx.cp
-        grad = comm.all_reduce_sum(grad.contiguous(), cp.group) if cp.world_size > 1 else grad
-        return cp.shard(grad, ctx.dim), None, None
+        if cp.world_size > 1:
+            grad = comm.all_reduce_sum(grad.contiguous(), cp.group)   # a fresh buffer (host-staged on gloo)
+            if ctx.mean:
+                grad.div_(cp.world_size)
+        return cp.shard(grad, ctx.dim), None, None, None
 
 
 # -------------------------------------------------------------------- building
@@ -197,6 +215,7 @@ def build_cp_context(
     seq_len: int | None = None,
     cu_seqlens: torch.Tensor | list[int] | None = None,
     layout: str = "contiguous",
+    verify_agreement: bool = True,
     _single: bool = False,
 ) -> CPContext:
     """Describe how one global sequence (or packed batch) is split over the ranks of `group`.
@@ -208,32 +227,35 @@ def build_cp_context(
         cu_seqlens: packed input: global boundaries `[N+1]` of N sequences (batch must be 1).
             Must be identical on every rank (checked with one small collective).
         layout: "contiguous" (rank r holds one slice) or "zigzag" (2P parts; r holds r and 2P-1-r).
+        verify_agreement: check (one tiny all_gather) that every rank describes the same split, so a
+            mismatch raises ValueError on every rank instead of hanging a later collective. False skips
+            that collective for callers that fold `CPContext.fingerprint()` into a check of their own;
+            this rank's own errors still raise, on this rank only.
     """
     if group is None and not _single and dist.is_available() and dist.is_initialized():
         group = dist.group.WORLD
     rank = dist.get_rank(group) if group is not None else 0
     world_size = comm.world_size(group)
 
-    error = None
+    cu, error = None, None
     if layout not in LAYOUTS:
         error = f"layout must be one of {LAYOUTS}, got {layout!r}"
     elif (seq_len is None) == (cu_seqlens is None):
         error = "pass exactly one of seq_len (dense) or cu_seqlens (packed)"
     else:
-        if cu_seqlens is None:
-            cu = [0, int(seq_len)]
-        else:
-            cu = [int(c) for c in (cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens)]
+        cu, error = _boundaries(seq_len, cu_seqlens)
+    if error is None:
         min_len = world_size * (2 if layout == "zigzag" else 1)
-        if len(cu) < 2 or cu[0] != 0 or any(b <= a for a, b in zip(cu, cu[1:])):
-            error = f"cu_seqlens must start at 0 and be strictly increasing, got {cu[:8]}{'...' if len(cu) > 8 else ''}"
-        elif cu[-1] < min_len:
+        if cu[-1] < min_len:
             error = (f"{'seq_len' if cu_seqlens is None else 'cu_seqlens[-1]'}={cu[-1]} is shorter than the "
                      f"{min_len} parts of a {layout} split over {world_size} ranks")
-    # Every rank must agree on the split before any collective that depends on it.
-    fingerprint = [len(cu), *cu[:1], cu[-1], _checksum(cu), LAYOUTS.index(layout), seq_len is None] \
-        if error is None else [0] * 6
-    comm.check_agreement(group, error, {"cu_seqlens/seq_len/layout": fingerprint}, what="build_cp_context")
+    if verify_agreement:
+        # every rank must agree on the split before any collective that depends on it
+        fingerprint = [len(cu), cu[-1], _checksum(cu), LAYOUTS.index(layout), seq_len is None] \
+            if error is None else [0] * 5
+        comm.check_agreement(group, error, {"cu_seqlens/seq_len/layout": fingerprint}, what="build_cp_context")
+    elif error:
+        raise ValueError(f"build_cp_context: rank {rank}: {error}")
 
     parts = _make_parts(cu, world_size, layout)
     local_parts = parts_of_rank(layout, rank, world_size)
@@ -241,6 +263,39 @@ def build_cp_context(
                      cu_seqlens=torch.tensor(cu, dtype=torch.long), packed=cu_seqlens is not None,
                      parts=parts, local_parts=local_parts,
                      segments=_make_segments(cu, parts, local_parts))
+
+
+def _boundaries(seq_len, cu_seqlens) -> tuple[list[int] | None, str | None]:
+    """Global boundaries as Python ints, or an error message. Non-integer values are refused rather
+    than truncated: a silently shortened split would be a wrong answer."""
+    if cu_seqlens is None:
+        n = _as_int(seq_len)
+        if n is None or n < 1:
+            return None, f"seq_len must be a positive int, got {seq_len!r}"
+        return [0, n], None
+    if torch.is_tensor(cu_seqlens) and (cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point()):
+        return None, (f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} of shape "
+                      f"{tuple(cu_seqlens.shape)}")
+    if not torch.is_tensor(cu_seqlens) and not isinstance(cu_seqlens, (list, tuple)):
+        return None, f"cu_seqlens must be a 1-D integer tensor or list, got {type(cu_seqlens).__name__}"
+    values = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
+    cu = [_as_int(c) for c in values]
+    if any(c is None for c in cu):
+        return None, f"cu_seqlens must hold integers, got {values[:8]}"
+    if len(cu) < 2 or cu[0] != 0 or any(b <= a for a, b in zip(cu, cu[1:])):
+        more = '...' if len(cu) > 8 else ''
+        return None, f"cu_seqlens must start at 0 and be strictly increasing, got {cu[:8]}{more}"
+    return cu, None
+
+
+def _as_int(x) -> int | None:
+    """x as an int if it is one (Python, NumPy or a one-element integer tensor), else None."""
+    if isinstance(x, bool) or (torch.is_tensor(x) and (x.numel() != 1 or x.is_floating_point())):
+        return None
+    try:
+        return operator.index(x.item() if torch.is_tensor(x) else x)
+    except TypeError:
+        return None
 
 
 def parts_of_rank(layout: str, rank: int, world_size: int) -> list[int]:

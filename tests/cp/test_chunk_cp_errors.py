@@ -80,6 +80,46 @@ def case_mismatched_cu_seqlens_argument(rank):
     _call(rank, _inputs(), ctx, cu_seqlens=torch.tensor([0, 12, T]))
 
 
+# A bad argument on ONE rank only: that rank must not raise before the agreement check (the others
+# would wait in it forever), so these are the cases that used to hang.
+def case_scale_nan_on_one_rank(rank):
+    _call(rank, _inputs(), build_cp_context(None, seq_len=T), scale=float("nan") if rank == 1 else None)
+
+
+def case_scale_zero_vs_default(rank):   # 0.0 must not pass as "no scale"
+    _call(rank, _inputs(), build_cp_context(None, seq_len=T), scale=0.0 if rank == 1 else None)
+
+
+def case_cu_seqlens_int_on_one_rank(rank):
+    _call(rank, _inputs(), build_cp_context(None, seq_len=T), cu_seqlens=T if rank == 1 else None)
+
+
+def case_backend_misspelled_on_one_rank(rank):
+    _call(rank, _inputs(), build_cp_context(None, seq_len=T), backend="Torch" if rank == 1 else "torch")
+
+
+def case_initial_state_int_on_one_rank(rank):
+    h0 = torch.ones(1, 2, 8, 8)
+    _call(rank, _inputs(), build_cp_context(None, seq_len=T), initial_state=h0.long() if rank == 1 else h0)
+
+
+def case_initial_state_dtype_differs(rank):
+    h0 = torch.ones(1, 2, 8, 8)
+    _call(rank, _inputs(), build_cp_context(None, seq_len=T), initial_state=h0.bfloat16() if rank == 1 else h0)
+
+
+def case_build_seq_len_not_int_on_one_rank(rank):
+    build_cp_context(None, seq_len=float(T) if rank == 1 else T)
+
+
+def case_build_cu_seqlens_2d_on_one_rank(rank):
+    build_cp_context(None, cu_seqlens=torch.tensor([[0, 10, T]] if rank == 1 else [0, 10, T]))
+
+
+def case_build_cu_seqlens_float_on_one_rank(rank):   # used to be truncated silently
+    build_cp_context(None, cu_seqlens=[0, 10.5, T] if rank == 1 else [0, 10, T])
+
+
 # case -> words the message must contain
 CASES = {
     case_k_shape_on_one_rank: ["rank 1", "k has shape"],
@@ -94,7 +134,24 @@ CASES = {
     case_initial_state_shape: ["initial_state", "N=2", "rank 0"],
     case_sequence_shorter_than_group: ["seq_len=3", "zigzag"],
     case_mismatched_cu_seqlens_argument: ["cu_seqlens differs", "rank 1"],
+    case_scale_nan_on_one_rank: ["rank 1", "scale must be a finite number"],
+    case_scale_zero_vs_default: ["scale", "differs between ranks", "0.0"],
+    case_cu_seqlens_int_on_one_rank: ["rank 1", "cu_seqlens must be", "int"],
+    case_backend_misspelled_on_one_rank: ["rank 1", "backend must be one of", "'Torch'"],
+    case_initial_state_int_on_one_rank: ["rank 1", "initial_state must be a floating", "int64"],
+    case_initial_state_dtype_differs: ["initial_state (given, dtype)", "differs between ranks"],
+    case_build_seq_len_not_int_on_one_rank: ["build_cp_context", "rank 1", "seq_len must be a positive int"],
+    case_build_cu_seqlens_2d_on_one_rank: ["build_cp_context", "rank 1", "1-D integer tensor"],
+    case_build_cu_seqlens_float_on_one_rank: ["build_cp_context", "rank 1", "must hold integers"],
 }
+
+
+def _explicit_default_scale(rank):
+    """scale=K ** -0.5 on one rank and None on the other is the same call: it must run."""
+    torch.manual_seed(0)
+    x = _inputs()
+    o, _ = _call(rank, x, build_cp_context(None, seq_len=T), scale=8 ** -0.5 if rank == 1 else None)
+    return o
 
 
 def _worker(rank, world_size, cases):
@@ -108,14 +165,15 @@ def _worker(rank, world_size, cases):
     # a working call afterwards: the group is still in step after every error
     x = _inputs()
     o, _ = _call(rank, x, build_cp_context(None, seq_len=T))
-    return messages, tuple(o.shape)
+    return messages, tuple(o.shape), _explicit_default_scale(rank)
 
 
 @pytest.mark.timeout(240)
 def test_bad_input_raises_on_every_rank():
     results = run_ranks(_worker, P, (list(CASES),), timeout=180)
-    for rank, (messages, shape) in enumerate(results):
+    for rank, (messages, shape, o) in enumerate(results):
         assert shape == (1, T // P, 2, 8)
+        assert torch.isfinite(o).all() and o.abs().sum() > 0
         for (case, words), msg in zip(CASES.items(), messages):
             assert msg is not None, f"{case.__name__}: rank {rank} raised nothing"
             for w in words:
@@ -132,3 +190,15 @@ def test_single_process_errors():
         chunk_cp_gated_delta_rule(x["q"], x["k"], x["v"], x["g"][:, :, :1], x["beta"])
     with pytest.raises(ValueError, match="layout must be one of"):
         build_cp_context(None, seq_len=T, layout="ring")
+    with pytest.raises(ValueError, match="seq_len must be a positive int"):
+        build_cp_context(None, seq_len=T + 0.5)
+    with pytest.raises(TypeError, match="cp_context must be a CPContext"):
+        chunk_cp_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], cp_context="world")
+
+
+def test_double_backward_raises_instead_of_a_wrong_answer():
+    x = {n: t.requires_grad_() for n, t in _inputs(T_loc=T).items()}
+    o, _ = chunk_cp_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], backend="torch")
+    (dq,) = torch.autograd.grad(o.square().sum(), x["q"], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dq.sum().backward()

@@ -2,10 +2,11 @@
 
 Usage (under `torchrun --nproc-per-node=WORLD`, world = dp x cp; CP groups are consecutive ranks)::
 
-    import fla_cp                                              # registers `gated_deltanet_cp`
-    model = AutoModelForCausalLM.from_pretrained(path, cp_size=4)
-    # or GatedDeltaNetCPForCausalLM.from_pretrained(fla_checkpoint_dir, cp_size=4)   (FLA's
-    #    GatedDeltaNetForCausalLM checkpoints: same parameter names, no conversion)
+    import fla_cp                     # maps `gated_deltanet_cp` AND FLA's `gated_deltanet` to these classes
+    model = AutoModelForCausalLM.from_pretrained(path, cp_size=4)   # ours or an FLA GatedDeltaNet checkpoint
+    #    (same parameter names, no conversion; without cp_size: cp_size=1, FLA's model's math; cp_size
+    #    is never saved in config.json: pass it at every load; see models/gated_deltanet_cp/__init__.py)
+    # or GatedDeltaNetCPForCausalLM.from_pretrained(path, cp_size=4)
     # or ...from_pretrained(path, device_mesh=init_cp_mesh(4))  /  (path, cp_group=my_group)
     # or GatedDeltaNetCPForCausalLM(config, device_mesh=None, cp_group=None)   (mesh from config.cp_size)
 
@@ -19,8 +20,9 @@ Attributes: `model.cp_group`, `model.dp_group` (None when absent), `model.cp_siz
 Forward arguments beyond HF's:
     cu_seqlens          global boundaries `[N+1]` of a packed batch (B == 1); documents never exchange
                         state, conv windows or labels.
-    attention_mask      `[B, T]` padding mask (left or right padding); padded tokens are neutral (see
-                        `fla_cp.layers.gated_deltanet_cp`). Put -100 in `labels` at pads, as with HF.
+    attention_mask      `[B, T]` 0/1 padding mask (left or right padding); padded tokens are neutral (see
+                        `fla_cp.layers.gated_deltanet_cp`). Put -100 in `labels` at pads, as with HF. A
+                        row with a hole (`[1, 1, 0, 1, 1]`) raises ValueError (FLA would join the pieces).
     inputs_are_sharded  False (default): `input_ids`/`labels`/`attention_mask` are the full global batch
                         and the model shards them (like TransformerEngine's `get_batch_on_this_cp_rank`).
                         True: the caller passes this rank's shard, `ctx.shard(x, dim=1)` with
@@ -33,13 +35,25 @@ Forward arguments beyond HF's:
                         `inputs_are_sharded`).
     gather_logits       False: `out.logits` is this rank's `[B, T_loc, V]`; True: global `[B, T, V]`
                         (the final hidden states are all-gathered, differentiably, then projected).
+                        Gathered logits are replicated: a loss computed on them counts once when every
+                        CP rank computes the same loss and runs its backward (the backward is a
+                        collective), i.e. after `sync_gradients` the gradient is the single-device
+                        gradient of that loss (the mean of the ranks' losses). The same holds for the
+                        logits (and `labels` loss) of decode steps, which every rank runs in full.
     cp_context          a prebuilt `fla_cp.ops.CPContext` (saves one tiny collective per call).
 
 Loss: labels are shifted on the global sequence (`shift_labels_globally`: predict the next token, the
 last token of every row / packed document gets -100), each rank sums the cross-entropy of its tokens,
 and one all-reduce of (sum, count) over the CP group gives the global mean, identical on every CP rank.
 The backward of that all-reduce is the identity, so each rank's parameter gradients are the *partial*
-contribution of its tokens; their sum over the CP group is the single-device gradient.
+contribution of its tokens; their sum over the CP group is the single-device gradient. As with FLA,
+the loss is NaN when every label is -100 (unless `num_items_in_batch` is given), and
+`config.use_l2warp=True` adds FLA's `l2_warp` logit penalty (exactly: each rank applies it to its tokens).
+
+Checks: with cp_size > 1 every forward (prefill or decode) starts with one tiny all_gather over the CP
+group that compares what the ranks are about to do (decode vs prefill and cache length, split, batch,
+mask, labels, ...) and carries any rank's input error, so bad or mismatched input raises the same
+ValueError on every rank instead of hanging a later collective.
 
 Gradients: `sync_gradients(model)` sums `.grad` over the CP group and averages over the DP group (the
 DP average is the mean of per-replica losses, as with DDP). With a data-parallel wrapper instead:
@@ -71,13 +85,15 @@ from fla.models.gated_deltanet.modeling_gated_deltanet import GatedDeltaNetPreTr
 from fla.models.generation_utils import FLAUnsupportedCacheGenerationMixin
 from fla.models.modeling_utils import FLAForCausalLM, get_attention
 from fla.modules import GatedMLP, RMSNorm
+from fla.modules.l2warp import l2_warp
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from fla_cp.layers import GatedDeltaNetCP
 from fla_cp.layers.functional import gated_mlp, rms_norm
-from fla_cp.models.gated_deltanet_cp.configuration_gated_deltanet_cp import GatedDeltaNetCPConfig
+from fla_cp.models.gated_deltanet_cp.configuration_gated_deltanet_cp import CP_FIELDS, GatedDeltaNetCPConfig
 from fla_cp.ops import build_cp_context, comm
 
 IGNORE_INDEX = -100
@@ -162,6 +178,29 @@ class _AllReduceIdentityBackward(torch.autograd.Function):
         return grad, None
 
 
+def _cache_length(past_key_values) -> int:
+    """Tokens already in the cache (0 without one): > 0 means a decode step."""
+    if past_key_values is None or not hasattr(past_key_values, "get_seq_length"):
+        return 0
+    return int(past_key_values.get_seq_length())
+
+
+def _build_error(e: ValueError) -> str:
+    """`build_cp_context`'s message without its "build_cp_context: rank r: " prefix (the model's check
+    names the rank)."""
+    head, _, rest = str(e).partition(": rank ")
+    return rest.partition(": ")[2] if head == "build_cp_context" and rest else str(e)
+
+
+def _replicated_grad(t: torch.Tensor, world_size: int) -> torch.Tensor:
+    """`t` unchanged; its gradient scaled by 1/world_size. For a tensor every CP rank computes in full
+    (logits of gathered hidden states, decode steps): every rank backpropagates the same loss through it,
+    `sync_gradients` sums the ranks' gradients, so each rank contributes 1/world_size of it."""
+    if world_size > 1 and t.requires_grad:
+        t.register_hook(lambda g: g / world_size)
+    return t
+
+
 # ------------------------------------------------------------------------------------------- model
 class GatedDeltaNetCPBlock(GradientCheckpointingLayer):
     """FLA's GatedDeltaNetBlock (same submodule names), with CP-aware mixer and CPU-capable norms/MLP."""
@@ -186,13 +225,13 @@ class GatedDeltaNetCPBlock(GradientCheckpointingLayer):
                             fuse_swiglu=config.fuse_swiglu)
 
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False,
-                cp_context=None, cu_seqlens=None, **kwargs):
+                cp_context=None, cu_seqlens=None, verify_agreement=True, **kwargs):
         residual = hidden_states
         hidden_states = rms_norm(self.attn_norm, hidden_states)
         if isinstance(self.attn, GatedDeltaNetCP):
             hidden_states, _, past_key_values = self.attn(
                 hidden_states, cp_context=cp_context, attention_mask=attention_mask, cu_seqlens=cu_seqlens,
-                past_key_values=past_key_values, use_cache=use_cache)
+                past_key_values=past_key_values, use_cache=use_cache, verify_agreement=verify_agreement)
         else:  # softmax attention layer of a hybrid config (cp_size == 1 only)
             hidden_states, _, past_key_values = self.attn(
                 hidden_states=hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
@@ -202,6 +241,18 @@ class GatedDeltaNetCPBlock(GradientCheckpointingLayer):
         return hidden_states, past_key_values
 
 
+def _cp_config_in_kwargs(kwargs: dict) -> None:
+    """Where `kwargs["config"]` is a config object, make it a `GatedDeltaNetCPConfig` (from FLA's
+    `GatedDeltaNetConfig`: same fields) carrying the CP fields popped from `kwargs`: HF hands the kwargs
+    left over next to a config object to `__init__`. Without a config object HF loads config.json with
+    `GatedDeltaNetCPConfig.from_dict`, which takes the CP kwargs itself."""
+    config = kwargs.get("config")
+    if isinstance(config, PreTrainedConfig):
+        cp_kwargs = {name: kwargs.pop(name) for name in CP_FIELDS if name in kwargs}
+        if cp_kwargs or not isinstance(config, GatedDeltaNetCPConfig):
+            kwargs["config"] = GatedDeltaNetCPConfig.from_fla(config, **cp_kwargs)
+
+
 class GatedDeltaNetCPPreTrainedModel(GatedDeltaNetPreTrainedModel):
     # FLA's init (A_log / dt_bias for GatedDeltaNet, which GatedDeltaNetCP is) and HF plumbing.
     config_class = GatedDeltaNetCPConfig
@@ -209,14 +260,27 @@ class GatedDeltaNetCPPreTrainedModel(GatedDeltaNetPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, device_mesh=None, cp_group=None, **kwargs):
-        """HF `from_pretrained` plus `cp_size=` (a config field), `device_mesh=` or `cp_group=`."""
+        """HF `from_pretrained` plus the CP config fields (`cp_size=`, `cp_layout=`, `kernel_backend=`,
+        `conv_backend=`), `device_mesh=` or `cp_group=`. `config=` may be FLA's `GatedDeltaNetConfig`
+        (the Auto classes resolve an FLA checkpoint's config to it and pass it so)."""
+        _cp_config_in_kwargs(kwargs)
         token = _PENDING_GROUPS.set((device_mesh, cp_group))
         try:
             return super().from_pretrained(*args, **kwargs)
         finally:
             _PENDING_GROUPS.reset(token)
 
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        """HF's hook behind `AutoModel*.from_config(config)`: also accepts FLA's `GatedDeltaNetConfig`."""
+        kwargs["config"] = config
+        _cp_config_in_kwargs(kwargs)
+        return super()._from_config(kwargs.pop("config"), **kwargs)
+
     def _setup_cp(self, config, device_mesh, cp_group):
+        if not isinstance(config, GatedDeltaNetCPConfig):
+            raise TypeError(f"{type(self).__name__} needs a GatedDeltaNetCPConfig, got {type(config).__name__}: "
+                            f"convert with GatedDeltaNetCPConfig.from_fla(config, cp_size=...)")
         if device_mesh is None and cp_group is None:
             device_mesh, cp_group = _PENDING_GROUPS.get()
         self.cp_group, self.dp_group = _resolve_groups(config, device_mesh, cp_group)
@@ -264,11 +328,13 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
         cu_seqlens: torch.Tensor | None = None,
         inputs_are_sharded: bool = False,
         cp_context=None,
+        _cp_check_extra: tuple[dict, str | None] | None = None,
         **kwargs,
     ):
         """Returns this rank's final hidden states `[B, T_loc, D]` (see the module docstring).
 
-        The `CPContext` used is returned in `output.cp_context` (None without CP).
+        The `CPContext` used is returned in `output.cp_context` (None without CP). `_cp_check_extra`
+        (fields, error) joins the caller's own agreement fields and local error to this forward's check.
         """
         output_hidden_states = output_hidden_states if output_hidden_states is not None else \
             self.config.output_hidden_states
@@ -279,12 +345,24 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
         if use_cache and not isinstance(past_key_values, Cache):
             past_key_values = Cache.from_legacy_cache(past_key_values)
 
-        cp = self._cp_context_for(input_ids if input_ids is not None else inputs_embeds, cu_seqlens,
-                                  past_key_values, inputs_are_sharded, cp_context)
-        if cp is not None and not inputs_are_sharded:
+        # No collective before the check below: an error found on one rank must reach every rank.
+        cp, error = self._cp_context_for(input_ids, inputs_embeds, cu_seqlens, past_key_values,
+                                         inputs_are_sharded, cp_context)
+        error = error or self._shard_error(input_ids, inputs_embeds, cp, inputs_are_sharded)
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        # what the ranks pass must agree (the length unless shards of a given split, which may differ)
+        same_len = not inputs_are_sharded or (cu_seqlens is None and cp_context is None)
+        inputs_field = [input_ids is not None, bool(inputs_are_sharded),
+                        inputs.shape[1] if inputs.dim() > 1 and same_len else 0]
+        if cp is not None and not inputs_are_sharded and error is None:
             input_ids = cp.shard(input_ids, dim=1) if input_ids is not None else None
             inputs_embeds = cp.shard(inputs_embeds, dim=1) if inputs_embeds is not None else None
         hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.cp_size > 1:
+            # One agreement check for the whole forward, prefill or decode (every layer's collectives
+            # follow from it); the split and the layers then skip theirs.
+            self._check_cp_forward(hidden_states, cp, attention_mask, use_cache, past_key_values, error,
+                                   _cp_check_extra, inputs_field)
 
         all_hidden_states = () if output_hidden_states else None
         for layer in self.layers:
@@ -292,7 +370,8 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
                 all_hidden_states += (hidden_states,)
             hidden_states, past_key_values = layer(
                 hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
-                use_cache=use_cache, cp_context=cp, cu_seqlens=None if cp is not None else cu_seqlens, **kwargs)
+                use_cache=use_cache, cp_context=cp, cu_seqlens=None if cp is not None else cu_seqlens,
+                verify_agreement=cp is None, **kwargs)
         hidden_states = rms_norm(self.norm, hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -303,30 +382,88 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
         out.cp_context = cp
         return out if return_dict else out.to_tuple()
 
-    def _cp_context_for(self, inputs, cu_seqlens, past_key_values, inputs_are_sharded, cp_context):
-        """The CP split of this call, or None (cp_size 1, or a decode step after a CP prefill)."""
+    def _agreement_fields(self) -> dict[str, list[int]]:
+        """Model-level settings every CP rank must share (beyond what the first layer checks)."""
+        return {"layers, vocab": [len(self.layers), self.vocab_size],
+                "gradient checkpointing (recomputes collectives in backward)":
+                    [bool(self.gradient_checkpointing and self.training)]}
+
+    def _check_cp_forward(self, hidden_states, cp, attention_mask, use_cache, past_key_values, error, extra,
+                          inputs_field):
+        """The forward's one collective before any other (cp_size > 1): raises the same ValueError on every
+        CP rank when any rank found bad input (`error`, `extra`'s error, the first layer's input checks)
+        or the ranks disagree (decode vs prefill, split, batch, mask, labels, ...). Decode steps run it
+        too: a rank that decodes while the others prefill must not leave them waiting."""
+        extra_fields, extra_error = extra or ({}, None)
+        error = error or extra_error
+        layer = self.layers[0].attn if len(self.layers) else None
+        if error is None and cp is not None and layer is not None:
+            error = layer._cp_input_error(hidden_states, cp, attention_mask, None)
+        cache_len = _cache_length(past_key_values)
+        new_tokens = hidden_states.shape[1] if torch.is_tensor(hidden_states) and hidden_states.dim() > 1 else 0
+        fields = {"decode step (cache length, new tokens)": [cache_len, new_tokens if cache_len else 0],
+                  "input_ids (given, inputs_are_sharded, length along dim 1)": inputs_field,
+                  **self._agreement_fields()}
+        if layer is not None:
+            fields.update(layer.agreement_fields(hidden_states, cp, attention_mask, use_cache))
+        else:
+            fields["cp_context"] = cp.fingerprint() if cp is not None else [0] * 5
+        comm.check_agreement(self.cp_group, error, {**fields, **extra_fields}, what=type(self).__name__)
+
+    @staticmethod
+    def _shard_error(input_ids, inputs_embeds, cp, inputs_are_sharded) -> str | None:
+        """This rank's inputs don't fit the CP split (checked before any rank shards or communicates)."""
+        if cp is None:
+            return None
+        name, x = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+        want = cp.local_len if inputs_are_sharded else cp.total_len
+        if x.dim() < 2 or x.shape[1] != want:
+            what = "this rank's shard of" if inputs_are_sharded else "the global"
+            return f"{name} has shape {tuple(x.shape)}, expected {want} tokens ({what} sequence) along dim 1"
+        return None
+
+    def _cp_context_for(self, input_ids, inputs_embeds, cu_seqlens, past_key_values, inputs_are_sharded,
+                        cp_context):
+        """(the CP split of this call or None, this rank's error or None); None without CP (cp_size 1) and
+        for decode steps after a CP prefill. Never communicates: the split's agreement is part of the
+        forward's one check (`_check_cp_forward`), so its errors are returned, not raised."""
         if self.cp_size == 1:
             if inputs_are_sharded:
                 raise ValueError("inputs_are_sharded=True needs cp_size > 1")
-            return None
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            return None, None
+        if _cache_length(past_key_values) > 0:
             # decode: every rank holds the gathered states and runs the same replicated step
             if inputs_are_sharded or cp_context is not None:
-                raise ValueError("steps with a non-empty cache run replicated: pass full inputs, no cp_context")
-            return None
+                return None, "steps with a non-empty cache run replicated: pass full inputs, no cp_context"
+            return None, None
         if cp_context is not None:
-            return cp_context
+            if cp_context.world_size != self.cp_size:
+                return None, (f"cp_context spans {cp_context.world_size} ranks but the model's CP group has "
+                              f"{self.cp_size}")
+            return cp_context, None
+        layout = self.config.cp_layout
         if cu_seqlens is not None:
-            return self.build_cp_context(cu_seqlens=cu_seqlens)
-        T = inputs.shape[1]
-        if not inputs_are_sharded:
-            return self.build_cp_context(seq_len=T)
-        n_parts = self.cp_size * (2 if self.config.cp_layout == "zigzag" else 1)
-        ctx = self.build_cp_context(seq_len=T * self.cp_size)
-        if any(p.end - p.start != T * self.cp_size // n_parts for p in ctx.parts):
-            raise ValueError("with inputs_are_sharded=True and a dense batch whose length is not a multiple of "
-                             "the number of CP parts, pass cp_context=model.build_cp_context(seq_len=T)")
-        return ctx
+            try:
+                return build_cp_context(self.cp_group, cu_seqlens=cu_seqlens, layout=layout,
+                                        verify_agreement=False), None
+            except ValueError as e:
+                return None, _build_error(e)
+        name, x = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+        if x.dim() < 2:
+            return None, f"{name} must be [B, T{', D' if name == 'inputs_embeds' else ''}], got {tuple(x.shape)}"
+        T = x.shape[1]
+        try:
+            ctx = build_cp_context(self.cp_group, seq_len=T * (self.cp_size if inputs_are_sharded else 1),
+                                   layout=layout, verify_agreement=False)
+        except ValueError as e:
+            what = "this rank's shard" if inputs_are_sharded else "the sequence"
+            return None, f"{name} has {T} tokens along dim 1 ({what}): {_build_error(e)}"
+        n_parts = self.cp_size * (2 if layout == "zigzag" else 1)
+        if inputs_are_sharded and any(p.end - p.start != T * self.cp_size // n_parts for p in ctx.parts):
+            return None, (f"{name} has {T} tokens along dim 1: with inputs_are_sharded=True and a dense batch "
+                          f"whose length is not a multiple of the number of CP parts, pass "
+                          f"cp_context=model.build_cp_context(seq_len=T)")
+        return ctx, None
 
 
 class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM, FLAUnsupportedCacheGenerationMixin):
@@ -363,12 +500,18 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
         **kwargs,
     ):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        has_labels = labels is not None or shift_labels is not None
+        keeps = logits_to_keep.numel() > 0 if torch.is_tensor(logits_to_keep) else bool(logits_to_keep)
+        gathers = gather_logits or (not has_labels and keeps)
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
             past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=output_hidden_states,
             return_dict=True, cu_seqlens=cu_seqlens, inputs_are_sharded=inputs_are_sharded,
-            cp_context=cp_context, **kwargs)
+            cp_context=cp_context, _cp_check_extra=self._cp_check_extra(input_ids, inputs_embeds, labels,
+                                                                        shift_labels, gathers), **kwargs)
         hidden_states, cp = outputs.last_hidden_state, outputs.cp_context
+        # a decode step after a CP prefill runs in full on every CP rank: its gradients are replicated
+        replicated = self.cp_size > 1 and cp is None
 
         loss = None
         if labels is not None or shift_labels is not None:
@@ -376,18 +519,26 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
                 shift_labels = labels if inputs_are_sharded else shift_labels_globally(labels, cu_seqlens)
             if cp is not None and not inputs_are_sharded:
                 shift_labels = cp.shard(shift_labels, dim=1)
-            loss = self._loss(self.lm_head(hidden_states), shift_labels.to(hidden_states.device), cp,
-                              num_items_in_batch)
+            logits = self.lm_head(hidden_states)
+            if replicated:
+                _replicated_grad(logits, self.cp_size)
+            loss = self._loss(logits, shift_labels.to(hidden_states.device), cp, num_items_in_batch)
 
-        if cp is not None and (gather_logits or (labels is None and shift_labels is None and logits_to_keep)):
+        if cp is not None and gathers:
             # generation wants the last positions, which live on the last rank: gather hidden states
-            # (D per token, cheaper than V) and project everywhere
+            # (D per token, cheaper than V) and project everywhere. Every rank then holds the same
+            # global logits and computes the same loss on them: the gather's backward sums the ranks'
+            # (equal) gradients and `_replicated_grad` divides by P, so after `sync_gradients` that
+            # loss counts once (lm_head, applied on every rank, gets 1/P of its gradient per rank too).
             hidden_states = cp.unshard(hidden_states, dim=1)
+            replicated = True
         if loss is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden_states = hidden_states[:, -logits_to_keep:]
         elif loss is None and torch.is_tensor(logits_to_keep):
             hidden_states = hidden_states[:, logits_to_keep]
         logits = self.lm_head(hidden_states)
+        if replicated:
+            _replicated_grad(logits, self.cp_size)
 
         if not return_dict:
             output = (logits, outputs.past_key_values, outputs.hidden_states)
@@ -396,17 +547,38 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states)
 
+    @staticmethod
+    def _cp_check_extra(input_ids, inputs_embeds, labels, shift_labels, gathers):
+        """What the loss and logits add to the forward's CP agreement check: (fields, local error)."""
+        fields = {"labels given, logits gathered": [labels is not None or shift_labels is not None, bool(gathers)]}
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        for name, y in (("labels", labels), ("shift_labels", shift_labels)):
+            if y is not None and inputs is not None and tuple(y.shape[:2]) != tuple(inputs.shape[:2]):
+                return fields, f"{name} has shape {tuple(y.shape)}; it must match the inputs' [B, T] = " \
+                               f"{list(inputs.shape[:2])}"
+        return fields, None
+
     def _loss(self, logits, shift_labels, cp, num_items_in_batch):
-        """Global token-mean cross-entropy (or global sum / num_items_in_batch), same on all CP ranks."""
+        """Global token-mean cross-entropy (or global sum / num_items_in_batch), same on all CP ranks.
+
+        As FLA's: NaN when every label is -100 (torch's mean of nothing), and with `config.use_l2warp`
+        FLA's `l2_warp` (a gradient on every position's max logit, scaled by 1/(B*T) of the global
+        batch): each rank applies it to its own tokens, so the ranks' partial gradients sum to FLA's.
+        """
         loss_sum = F.cross_entropy(logits.flatten(0, -2).float(), shift_labels.flatten(),
                                    ignore_index=IGNORE_INDEX, reduction='sum')
         count = (shift_labels != IGNORE_INDEX).sum().to(loss_sum)
         stats = torch.stack([loss_sum, count])
         if cp is not None and cp.world_size > 1:
             stats = _AllReduceIdentityBackward.apply(stats, cp.group)
+        loss = stats[0] if num_items_in_batch is not None else stats[0] / stats[1].detach()
+        if getattr(self.config, "use_l2warp", False):
+            total_len = cp.total_len if cp is not None else logits.shape[1]
+            # FLA's factor is 1e-4 / (B * T) of the logits it sees: here the global T, not T_loc
+            loss = l2_warp(loss, logits, 1e-4 * logits.shape[1] / total_len)
         if num_items_in_batch is not None:
-            return stats[0] / torch.as_tensor(num_items_in_batch, device=stats.device)
-        return stats[0] / stats[1].detach().clamp_min(1)
+            loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+        return loss
 
 
 # --------------------------------------------------------------------------------------- gradients
