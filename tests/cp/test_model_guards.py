@@ -253,6 +253,9 @@ def _worker_mismatch(rank, world):
         cu = torch.tensor([0, 12, 20] if rank == 0 else [0, 12, 5])
         res["bad cu_seqlens"] = error_of(lambda: model(packed, cu_seqlens=cu))
         res["lengths differ"] = error_of(lambda: model(ids[:, :18 + rank]))
+        bad_ids = ids.clone()
+        bad_ids[0, 15] = 128 if rank == 1 else 0     # vocab 128, in rank 1's shard: its embedding would IndexError
+        res["token id"] = error_of(lambda: model(bad_ids))
         # and the group still works afterwards
         res["after"] = model(ids, gather_logits=True).logits
     return res
@@ -365,6 +368,8 @@ def test_one_rank_mismatch_raises_everywhere():
         assert "rank 1: cu_seqlens must" in err and "rank 0:" not in err, err
         assert "input_ids (given, inputs_are_sharded, length along dim 1) differs" in res["lengths differ"], \
             res["lengths differ"]
+        err = res["token id"]
+        assert "rank 1: input_ids holds ids in [" in err and "outside the vocabulary [0, 128)" in err, err
     assert torch.equal(results[0]["after"], results[1]["after"])
 
 

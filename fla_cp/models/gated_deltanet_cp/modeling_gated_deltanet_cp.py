@@ -40,7 +40,9 @@ Forward arguments beyond HF's:
                         collective), i.e. after `sync_gradients` the gradient is the single-device
                         gradient of that loss (the mean of the ranks' losses). The same holds for the
                         logits (and `labels` loss) of decode steps, which every rank runs in full.
-    cp_context          a prebuilt `fla_cp.ops.CPContext` (saves one tiny collective per call).
+                        `out.hidden_states` (`output_hidden_states=True`) stay this rank's `[B, T_loc, D]`
+                        either way; gather them with `model.build_cp_context(seq_len=T).unshard(h, dim=1)`.
+    cp_context          a prebuilt `fla_cp.ops.CPContext` (saves rebuilding the split's host-side tables).
 
 Loss: labels are shifted on the global sequence (`shift_labels_globally`: predict the next token, the
 last token of every row / packed document gets -100), each rank sums the cross-entropy of its tokens,
@@ -357,7 +359,12 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
         if cp is not None and not inputs_are_sharded and error is None:
             input_ids = cp.shard(input_ids, dim=1) if input_ids is not None else None
             inputs_embeds = cp.shard(inputs_embeds, dim=1) if inputs_embeds is not None else None
-        hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.cp_size > 1 and error is None and input_ids is not None:
+            # an IndexError in the embedding on one rank would leave the others waiting in the check
+            error = _token_id_error(input_ids, self.vocab_size)
+        hidden_states = None
+        if error is None:
+            hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         if self.cp_size > 1:
             # One agreement check for the whole forward, prefill or decode (every layer's collectives
             # follow from it); the split and the layers then skip theirs.
@@ -464,6 +471,16 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
                           f"whose length is not a multiple of the number of CP parts, pass "
                           f"cp_context=model.build_cp_context(seq_len=T)")
         return ctx, None
+
+
+def _token_id_error(input_ids: torch.Tensor, vocab_size: int) -> str | None:
+    """Why `input_ids` can't be embedded (ids outside [0, vocab_size)), or None. One host sync."""
+    if input_ids.numel() == 0:
+        return None
+    lo, hi = (int(v) for v in input_ids.aminmax())
+    if lo < 0 or hi >= vocab_size:
+        return f"input_ids holds ids in [{lo}, {hi}], outside the vocabulary [0, {vocab_size})"
+    return None
 
 
 class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM, FLAUnsupportedCacheGenerationMixin):
