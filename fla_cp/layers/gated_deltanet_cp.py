@@ -208,6 +208,10 @@ class GatedDeltaNetCP(GatedDeltaNet):
         shape = list(hidden_states.shape) if torch.is_tensor(hidden_states) and hidden_states.dim() == 3 else [0] * 3
         # cp None: a model-level check of a step without a split (decode, or this rank's split failed)
         split = cp.fingerprint() + [bool(cp.packed)] if cp is not None else [0] * 6
+        mask_code = 0
+        if torch.is_tensor(attention_mask) and attention_mask.dim() == 2 and (
+                cp is None or attention_mask.shape[1] == cp.total_len):
+            mask_code = comm.content_code(attention_mask)
         device_type = hidden_states.device.type if torch.is_tensor(hidden_states) else "cpu"
         autocast = torch.is_autocast_enabled(device_type)
         return {
@@ -215,7 +219,8 @@ class GatedDeltaNetCP(GatedDeltaNet):
             "autocast (enabled, dtype)": [autocast, comm.dtype_code(torch.get_autocast_dtype(device_type))
                                           if autocast else 0],
             "use_cache": [bool(use_cache)],
-            "attention_mask given": [attention_mask is not None],
+            # a global mask must also be the same mask on every rank (a rank-local one differs by design)
+            "attention_mask (given, content)": [attention_mask is not None, mask_code],
             "layer sizes (D, H, HV, K, V, conv)": [self.hidden_size, self.num_heads, self.num_v_heads, self.head_k_dim,
                                                    self.head_v_dim, self.conv_size if self.use_short_conv else 0],
             "cp_context (world size, layout, cu_seqlens, packed)": split,

@@ -289,6 +289,8 @@ def _local_error(q, k, v, g, beta, cp: CPContext, initial_state, cu_seqlens, sca
             return f"{name} is on {x.device} but q is on {q.device}"
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
+    if min(H, K, HV, V) < 1:
+        return f"head counts and dims must be >= 1, got H={H}, K={K} (q) and HV={HV}, V={V} (v)"
     if k.shape != q.shape:
         return f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}"
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -331,20 +333,30 @@ def _local_error(q, k, v, g, beta, cp: CPContext, initial_state, cu_seqlens, sca
     return None
 
 
-def _check_call_agreement(cp: CPContext, error, q, v, initial_state, output_final_state, l2norm_qk, scale):
-    """One tiny all_gather: raise the same ValueError on every rank if any rank's arguments are bad or
-    ranks disagree on what shapes the state collectives depend on (or on what they compute)."""
-    ok = error is None
-    h0_dtype = comm.dtype_code(initial_state.dtype) if ok and initial_state is not None else 0
-    comm.check_agreement(cp.group, error, {
+def _call_fields(cp: CPContext, ok: bool, q, v, initial_state, output_final_state, l2norm_qk, scale):
+    """What every rank of a call must share: the state collectives' shapes follow from these, and the
+    rest decides what they compute. With `ok` False (this rank's arguments are bad) the same fields
+    hold zeros, so every rank still sends the same number of integers."""
+    return {
         "B/H/K/HV/V of q, k, v": [q.shape[0], q.shape[2], q.shape[3], v.shape[2], v.shape[3]] if ok else [0] * 5,
-        "dtype of q, k, v": [comm.dtype_code(q.dtype) if ok else 0],
-        "initial_state (given, dtype)": [initial_state is not None, h0_dtype],
-        "output_final_state": [bool(output_final_state)],
-        "use_qk_l2norm_in_kernel": [bool(l2norm_qk)],
+        "dtype and device type of q, k, v": [comm.dtype_code(q.dtype), comm.dtype_code(q.device.type)] if ok
+        else [0, 0],
+        "initial_state (given, dtype)": [initial_state is not None, comm.dtype_code(initial_state.dtype)]
+        if ok and initial_state is not None else [0, 0],
+        "output_final_state": [output_final_state if ok else 0],
+        "use_qk_l2norm_in_kernel": [l2norm_qk if ok else 0],
         "scale (after defaulting to K ** -0.5)": [float(scale) if ok else 0.0],
         "cp_context (world size, layout, cu_seqlens)": cp.fingerprint(),
-    }, what="chunk_cp_gated_delta_rule")
+    }
+
+
+def _flag(x, name: str) -> bool:
+    """A Python/NumPy bool or a one-element tensor as bool; anything else is an error (`bool()` of a
+    multi-element array would raise on this rank only)."""
+    if torch.is_tensor(x) or hasattr(x, "shape"):
+        if getattr(x, "size", 1) != 1 and (not torch.is_tensor(x) or x.numel() != 1):
+            raise ValueError(f"{name} must be a bool, got an array of shape {tuple(x.shape)}")
+    return bool(x)
 
 
 def chunk_cp_gated_delta_rule(
@@ -410,20 +422,24 @@ def chunk_cp_gated_delta_rule(
         # no group to tell the other ranks through: this rank raises alone (see the docstring)
         raise TypeError(f"chunk_cp_gated_delta_rule: cp_context must be a CPContext from build_cp_context, "
                         f"got {type(cp).__name__}")
-    error = _local_error(q, k, v, g, beta, cp, initial_state, cu_seqlens, scale)
     impl = None
-    if error is None:
-        if scale is None:
-            scale = q.shape[-1] ** -0.5
-        try:
+    try:
+        error = _local_error(q, k, v, g, beta, cp, initial_state, cu_seqlens, scale)
+        if error is None:
+            output_final_state = _flag(output_final_state, "output_final_state")
+            use_qk_l2norm_in_kernel = _flag(use_qk_l2norm_in_kernel, "use_qk_l2norm_in_kernel")
+            if scale is None:
+                scale = q.shape[-1] ** -0.5
             impl = get_backend(backend, q.device)
-        except (ValueError, ImportError, RuntimeError) as e:
-            error = str(e)
+    except Exception as e:  # noqa: BLE001 - whatever fails here must reach the other ranks, not strand them
+        error = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
     if not verify_agreement or cp.world_size == 1:
         if error:
             raise ValueError(f"chunk_cp_gated_delta_rule: rank {cp.rank}: {error}")
     else:
-        _check_call_agreement(cp, error, q, v, initial_state, output_final_state, use_qk_l2norm_in_kernel, scale)
+        comm.check_agreement(cp.group, error, _call_fields(cp, error is None, q, v, initial_state, output_final_state,
+                                                           use_qk_l2norm_in_kernel, scale),
+                             what="chunk_cp_gated_delta_rule")
 
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)

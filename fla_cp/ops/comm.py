@@ -81,12 +81,34 @@ def dtype_code(dtype: torch.dtype | None) -> int:
     return 0 if dtype is None else zlib.crc32(str(dtype).encode())
 
 
+def content_code(t: torch.Tensor) -> int:
+    """A position-weighted checksum of an integer (or 0/1) tensor, for agreement fields: equal on ranks
+    holding the same values (int64 arithmetic is exact everywhere), different for almost any change.
+    One host sync."""
+    x = t.reshape(-1).long()
+    return int((x * position_weights(x)).sum())
+
+
+def position_weights(x: torch.Tensor) -> torch.Tensor:
+    """Distinct per-position multipliers for `content_code`, so that moving a value changes the sum."""
+    return torch.arange(x.numel(), device=x.device) * 2654435761 % 2147483647 + 1
+
+
 def _float_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", x))[0]
 
 
 def _bits_float(n: int) -> float:
     return struct.unpack("<d", struct.pack("<q", n))[0]
+
+
+def _to_int64(v) -> int:
+    """A field value as one int64: floats by their bits, ints beyond int64 by a hash (still equal
+    exactly when equal), so packing never raises on one rank only."""
+    if isinstance(v, float):
+        return _float_bits(v)
+    v = int(v)
+    return v if -2 ** 63 <= v < 2 ** 63 else zlib.crc32(str(v).encode())
 
 
 def check_agreement(group, local_error: str | None, fields: dict[str, list[int | float]], what: str) -> None:
@@ -102,8 +124,7 @@ def check_agreement(group, local_error: str | None, fields: dict[str, list[int |
         if local_error:
             raise ValueError(f"{what}: rank {rank}: {local_error}")
         return
-    flat = [1 if local_error else 0] + [_float_bits(v) if isinstance(v, float) else int(v)
-                                        for vals in fields.values() for v in vals]
+    flat = [1 if local_error else 0] + [_to_int64(v) for vals in fields.values() for v in vals]
     gathered = all_gather(torch.tensor(flat, dtype=torch.long, device=collective_device(group)), group).cpu()
     if gathered[:, 0].any():
         messages = [None] * dist.get_world_size(group)

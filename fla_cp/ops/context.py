@@ -238,7 +238,7 @@ def build_cp_context(
     world_size = comm.world_size(group)
 
     cu, error = None, None
-    if layout not in LAYOUTS:
+    if not isinstance(layout, str) or layout not in LAYOUTS:
         error = f"layout must be one of {LAYOUTS}, got {layout!r}"
     elif (seq_len is None) == (cu_seqlens is None):
         error = "pass exactly one of seq_len (dense) or cu_seqlens (packed)"

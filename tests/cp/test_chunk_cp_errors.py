@@ -120,6 +120,30 @@ def case_build_cu_seqlens_float_on_one_rank(rank):   # used to be truncated sile
     build_cp_context(None, cu_seqlens=[0, 10.5, T] if rank == 1 else [0, 10, T])
 
 
+def case_scale_huge_int_on_one_rank(rank):   # math.isfinite(10**400) overflows
+    _call(rank, _inputs(), build_cp_context(None, seq_len=T), scale=10 ** 400 if rank == 1 else None)
+
+
+def case_zero_heads_on_one_rank(rank):
+    _call(rank, _inputs(H=0 if rank == 1 else 2), build_cp_context(None, seq_len=T))
+
+
+def case_flag_array_on_one_rank(rank):
+    _call(rank, _inputs(), build_cp_context(None, seq_len=T),
+          output_final_state=torch.tensor([True, False]) if rank == 1 else True)
+
+
+def case_meta_device_on_one_rank(rank):
+    x = _inputs()
+    if rank == 1:
+        x = {n: t.to("meta") for n, t in x.items()}
+    _call(rank, x, build_cp_context(None, seq_len=T))
+
+
+def case_build_huge_seq_len_on_one_rank(rank):
+    build_cp_context(None, seq_len=2 ** 63 if rank == 1 else T)
+
+
 # case -> words the message must contain
 CASES = {
     case_k_shape_on_one_rank: ["rank 1", "k has shape"],
@@ -143,6 +167,11 @@ CASES = {
     case_build_seq_len_not_int_on_one_rank: ["build_cp_context", "rank 1", "seq_len must be a positive int"],
     case_build_cu_seqlens_2d_on_one_rank: ["build_cp_context", "rank 1", "1-D integer tensor"],
     case_build_cu_seqlens_float_on_one_rank: ["build_cp_context", "rank 1", "must hold integers"],
+    case_scale_huge_int_on_one_rank: ["rank 1", "OverflowError"],
+    case_zero_heads_on_one_rank: ["rank 1", "must be >= 1", "H=0"],
+    case_flag_array_on_one_rank: ["rank 1", "output_final_state must be a bool"],
+    case_meta_device_on_one_rank: ["dtype and device type", "differs between ranks"],
+    case_build_huge_seq_len_on_one_rank: ["cu_seqlens/seq_len/layout", "differs between ranks"],
 }
 
 

@@ -256,6 +256,22 @@ def _worker_mismatch(rank, world):
         bad_ids = ids.clone()
         bad_ids[0, 15] = 128 if rank == 1 else 0     # vocab 128, in rank 1's shard: its embedding would IndexError
         res["token id"] = error_of(lambda: model(bad_ids))
+        # ranks passing different "same" global data: content codes differ, every rank raises
+        other = ids.clone()
+        other[1, 2] = (other[1, 2] + rank) % VOCAB
+        res["prompt differs"] = error_of(lambda: model(other))
+        labels = labels_of(ids)
+        bad_labels = labels.clone()
+        bad_labels[0, 15] = 1000 if rank == 1 else bad_labels[0, 15]   # in rank 1's own shard
+        res["labels out of range"] = error_of(lambda: model(ids, labels=bad_labels))
+        res["labels float"] = error_of(lambda: model(ids, labels=labels.float() if rank == 1 else labels))
+        res["num_items differs"] = error_of(lambda: model(ids, labels=labels, num_items_in_batch=10 + rank))
+        res["labels vs shift_labels"] = error_of(
+            lambda: model(ids, labels=labels) if rank == 0 else model(ids, shift_labels=labels))
+        mask = torch.ones_like(ids)
+        mask[0, :2 + rank] = 0
+        res["mask differs"] = error_of(lambda: model(ids, attention_mask=mask))
+        res["generate differs"] = error_of(lambda: model.generate(ids[:, :8], max_new_tokens=3 + rank, do_sample=False))
         # and the group still works afterwards
         res["after"] = model(ids, gather_logits=True).logits
     return res
@@ -366,10 +382,16 @@ def test_one_rank_mismatch_raises_everywhere():
         assert "decode step (cache length, new tokens) differs" in res["decode vs prefill"], res["decode vs prefill"]
         err = res["bad cu_seqlens"]
         assert "rank 1: cu_seqlens must" in err and "rank 0:" not in err, err
-        assert "input_ids (given, inputs_are_sharded, length along dim 1) differs" in res["lengths differ"], \
+        assert "input_ids (given, inputs_are_sharded, length along dim 1, content) differs" in res["lengths differ"], \
             res["lengths differ"]
         err = res["token id"]
         assert "rank 1: input_ids holds ids in [" in err and "outside the vocabulary [0, 128)" in err, err
+        for case, words in {"prompt differs": "content) differs", "labels out of range": "rank 1: labels holds values",
+                            "labels float": "rank 1: labels must be an integer", "num_items differs":
+                            "num_items_in_batch (given, value) differs", "labels vs shift_labels":
+                            "shift_labels given", "mask differs": "attention_mask (given, content) differs",
+                            "generate differs": "max_new_tokens differs"}.items():
+            assert words in res[case], f"rank {rank}, {case}: {res[case]}"
     assert torch.equal(results[0]["after"], results[1]["after"])
 
 

@@ -355,13 +355,15 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
         # what the ranks pass must agree (the length unless shards of a given split, which may differ)
         same_len = not inputs_are_sharded or (cu_seqlens is None and cp_context is None)
         inputs_field = [input_ids is not None, bool(inputs_are_sharded),
-                        inputs.shape[1] if inputs.dim() > 1 and same_len else 0]
+                        inputs.shape[1] if inputs.dim() > 1 and same_len else 0, 0]
+        if self.cp_size > 1 and error is None and input_ids is not None:
+            # bad ids would raise in the embedding on one rank only and leave the others waiting in the
+            # check; the content code catches ranks passing different "same" global batches
+            error, code = _token_ids_check(input_ids, self.vocab_size)
+            inputs_field[3] = code if not inputs_are_sharded and cp is not None else 0
         if cp is not None and not inputs_are_sharded and error is None:
             input_ids = cp.shard(input_ids, dim=1) if input_ids is not None else None
             inputs_embeds = cp.shard(inputs_embeds, dim=1) if inputs_embeds is not None else None
-        if self.cp_size > 1 and error is None and input_ids is not None:
-            # an IndexError in the embedding on one rank would leave the others waiting in the check
-            error = _token_id_error(input_ids, self.vocab_size)
         hidden_states = None
         if error is None:
             hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
@@ -409,7 +411,7 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
         cache_len = _cache_length(past_key_values)
         new_tokens = hidden_states.shape[1] if torch.is_tensor(hidden_states) and hidden_states.dim() > 1 else 0
         fields = {"decode step (cache length, new tokens)": [cache_len, new_tokens if cache_len else 0],
-                  "input_ids (given, inputs_are_sharded, length along dim 1)": inputs_field,
+                  "input_ids (given, inputs_are_sharded, length along dim 1, content)": inputs_field,
                   **self._agreement_fields()}
         if layer is not None:
             fields.update(layer.agreement_fields(hidden_states, cp, attention_mask, use_cache))
@@ -473,14 +475,31 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
         return ctx, None
 
 
-def _token_id_error(input_ids: torch.Tensor, vocab_size: int) -> str | None:
-    """Why `input_ids` can't be embedded (ids outside [0, vocab_size)), or None. One host sync."""
+def _token_ids_check(input_ids: torch.Tensor, vocab_size: int) -> tuple[str | None, int]:
+    """(why `input_ids` can't be embedded, or None; its content code). One host sync."""
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        return f"input_ids must be an integer tensor, got {input_ids.dtype}", 0
     if input_ids.numel() == 0:
-        return None
-    lo, hi = (int(v) for v in input_ids.aminmax())
+        return None, 0
+    x = input_ids.long()
+    lo, hi, code = torch.stack([x.min(), x.max(), (x.reshape(-1) * comm.position_weights(x)).sum()]).tolist()
     if lo < 0 or hi >= vocab_size:
-        return f"input_ids holds ids in [{lo}, {hi}], outside the vocabulary [0, {vocab_size})"
-    return None
+        return f"input_ids holds ids in [{lo}, {hi}], outside the vocabulary [0, {vocab_size})", 0
+    return None, code
+
+
+def _labels_check(name: str, y, inputs, vocab_size: int, content: bool) -> tuple[str | None, int]:
+    """(why `labels`/`shift_labels` can't go into the loss, or None; its content code when `content`)."""
+    if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool \
+            or y.dim() != 2:
+        got = f"{y.dtype} of shape {tuple(y.shape)}" if torch.is_tensor(y) else type(y).__name__
+        return f"{name} must be an integer [B, T] tensor, got {got}", 0
+    if inputs is not None and tuple(y.shape) != tuple(inputs.shape[:2]):
+        return f"{name} has shape {tuple(y.shape)}; it must match the inputs' [B, T] = {list(inputs.shape[:2])}", 0
+    bad = ((y != IGNORE_INDEX) & ((y < 0) | (y >= vocab_size))).any()
+    if bool(bad):
+        return f"{name} holds values outside [0, {vocab_size}) other than {IGNORE_INDEX}", 0
+    return None, comm.content_code(y) if content else 0
 
 
 class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM, FLAUnsupportedCacheGenerationMixin):
@@ -524,8 +543,9 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
             past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=output_hidden_states,
             return_dict=True, cu_seqlens=cu_seqlens, inputs_are_sharded=inputs_are_sharded,
-            cp_context=cp_context, _cp_check_extra=self._cp_check_extra(input_ids, inputs_embeds, labels,
-                                                                        shift_labels, gathers), **kwargs)
+            cp_context=cp_context, _cp_check_extra=self._cp_check_extra(
+                input_ids, inputs_embeds, labels, shift_labels, gathers, num_items_in_batch, inputs_are_sharded),
+            **kwargs)
         hidden_states, cp = outputs.last_hidden_state, outputs.cp_context
         # a decode step after a CP prefill runs in full on every CP rank: its gradients are replicated
         replicated = self.cp_size > 1 and cp is None
@@ -564,15 +584,57 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states)
 
-    @staticmethod
-    def _cp_check_extra(input_ids, inputs_embeds, labels, shift_labels, gathers):
-        """What the loss and logits add to the forward's CP agreement check: (fields, local error)."""
-        fields = {"labels given, logits gathered": [labels is not None or shift_labels is not None, bool(gathers)]}
+    # settings that decide how many decode steps each rank runs, or which tokens it picks
+    _GENERATE_FIELDS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "num_beams",
+                        "temperature", "top_k", "top_p", "eos_token_id")
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """HF `generate`; under CP every rank must pass the same prompt and settings (checked first, in
+        one tiny collective: a rank that stopped decoding early would leave the others waiting).
+        Sampling (`do_sample=True`) also needs the same RNG state on every rank (`torch.manual_seed`)."""
+        if self.cp_size > 1:
+            prompt = inputs if inputs is not None else kwargs.get("input_ids")
+            config = generation_config or self.generation_config
+            fields, error = {}, None
+            try:
+                fields["prompt (shape, content)"] = [*prompt.shape[:2], comm.content_code(prompt)] \
+                    if torch.is_tensor(prompt) and prompt.dim() == 2 and not prompt.is_floating_point() else [0, 0, 0]
+                for name in self._GENERATE_FIELDS:
+                    value = kwargs.get(name, getattr(config, name, None))
+                    value = value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
+                    fields[name] = [value is not None, float(value) if isinstance(value, (int, float)) else 0.0]
+            except (TypeError, ValueError, RuntimeError) as e:
+                error = f"generate settings: {type(e).__name__}: {e}"
+                fields = {"prompt (shape, content)": [0, 0, 0], **{n: [0, 0.0] for n in self._GENERATE_FIELDS}}
+            comm.check_agreement(self.cp_group, error, fields, what=f"{type(self).__name__}.generate")
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
+
+    def _cp_check_extra(self, input_ids, inputs_embeds, labels, shift_labels, gathers, num_items_in_batch,
+                        inputs_are_sharded):
+        """What the loss and logits add to the forward's CP agreement check: (fields, local error).
+
+        Under CP the labels must be usable on every rank before any rank starts the loss all-reduce, and
+        global labels must be the same on every rank (a content code; sharded ones differ by design)."""
+        items = 0.0
+        if num_items_in_batch is not None:
+            items = float(num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+        fields = {"labels given, shift_labels given, logits gathered":
+                  [labels is not None, shift_labels is not None, bool(gathers)],
+                  "num_items_in_batch (given, value)": [num_items_in_batch is not None, items],
+                  "labels content": [0]}
         inputs = input_ids if input_ids is not None else inputs_embeds
         for name, y in (("labels", labels), ("shift_labels", shift_labels)):
-            if y is not None and inputs is not None and tuple(y.shape[:2]) != tuple(inputs.shape[:2]):
-                return fields, f"{name} has shape {tuple(y.shape)}; it must match the inputs' [B, T] = " \
-                               f"{list(inputs.shape[:2])}"
+            if y is None:
+                continue
+            if self.cp_size == 1:       # the loss itself raises clearly enough in one process
+                if inputs is not None and tuple(y.shape[:2]) != tuple(inputs.shape[:2]):
+                    return fields, f"{name} has shape {tuple(y.shape)}; it must match the inputs' [B, T] = " \
+                                   f"{list(inputs.shape[:2])}"
+                continue
+            error, code = _labels_check(name, y, inputs, self.vocab_size, content=not inputs_are_sharded)
+            if error:
+                return fields, error
+            fields["labels content"] = [code]
         return fields, None
 
     def _loss(self, logits, shift_labels, cp, num_items_in_batch):
