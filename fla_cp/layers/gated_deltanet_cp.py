@@ -142,20 +142,19 @@ class GatedDeltaNetCP(GatedDeltaNet):
 
     # ------------------------------------------------------------------ CP checks
     def check_cp_call(self, hidden_states, cp, attention_mask=None, use_cache=False, last_state=None,
-                      verify_agreement: bool = True, extra_fields: dict | None = None, extra_error: str | None = None,
-                      what: str = "GatedDeltaNetCP"):
+                      verify_agreement: bool = True):
         """Raise ValueError (naming the rank) on bad CP input; with `verify_agreement`, on every rank
         when any rank's input is bad or ranks disagree (one tiny all_gather, skipped for one rank).
 
-        The CP model calls this once per forward for all its layers (adding its own `extra_fields` and
-        `extra_error`) and then runs the layers with `verify_agreement=False`.
+        The CP model makes one such check per forward for all its layers, from `_cp_input_error` and
+        `agreement_fields` plus its own fields, and then runs the layers with `verify_agreement=False`.
         """
-        error = extra_error or self._cp_input_error(hidden_states, cp, attention_mask, last_state)
+        error = self._cp_input_error(hidden_states, cp, attention_mask, last_state)
         if verify_agreement and cp.world_size > 1:
             fields = self.agreement_fields(hidden_states, cp, attention_mask, use_cache)
-            comm.check_agreement(cp.group, error, {**fields, **(extra_fields or {})}, what=what)
+            comm.check_agreement(cp.group, error, fields, what=type(self).__name__)
         elif error:
-            raise ValueError(f"{what}: rank {cp.rank}: {error}")
+            raise ValueError(f"{type(self).__name__}: rank {cp.rank}: {error}")
 
     def _cp_input_error(self, hidden_states, cp, attention_mask, last_state) -> str | None:
         """This rank's problem with a CP call, or None. Nothing here communicates."""

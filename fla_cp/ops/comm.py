@@ -85,13 +85,14 @@ def content_code(t: torch.Tensor) -> int:
     """A position-weighted checksum of an integer (or 0/1) tensor, for agreement fields: equal on ranks
     holding the same values (int64 arithmetic is exact everywhere), different for almost any change.
     One host sync."""
+    return int(content_sum(t))
+
+
+def content_sum(t: torch.Tensor) -> torch.Tensor:
+    """`content_code` as a 0-d int64 tensor on `t`'s device, to be read in one sync with other values."""
     x = t.reshape(-1).long()
-    return int((x * position_weights(x)).sum())
-
-
-def position_weights(x: torch.Tensor) -> torch.Tensor:
-    """Distinct per-position multipliers for `content_code`, so that moving a value changes the sum."""
-    return torch.arange(x.numel(), device=x.device) * 2654435761 % 2147483647 + 1
+    # distinct per-position multipliers, so that moving a value changes the sum
+    return (x * (torch.arange(x.numel(), device=x.device) * 2654435761 % 2147483647 + 1)).sum()
 
 
 def _float_bits(x: float) -> int:

@@ -482,7 +482,7 @@ def _token_ids_check(input_ids: torch.Tensor, vocab_size: int) -> tuple[str | No
     if input_ids.numel() == 0:
         return None, 0
     x = input_ids.long()
-    lo, hi, code = torch.stack([x.min(), x.max(), (x.reshape(-1) * comm.position_weights(x)).sum()]).tolist()
+    lo, hi, code = torch.stack([x.min(), x.max(), comm.content_sum(x)]).tolist()
     if lo < 0 or hi >= vocab_size:
         return f"input_ids holds ids in [{lo}, {hi}], outside the vocabulary [0, {vocab_size})", 0
     return None, code
@@ -496,10 +496,11 @@ def _labels_check(name: str, y, inputs, vocab_size: int, content: bool) -> tuple
         return f"{name} must be an integer [B, T] tensor, got {got}", 0
     if inputs is not None and tuple(y.shape) != tuple(inputs.shape[:2]):
         return f"{name} has shape {tuple(y.shape)}; it must match the inputs' [B, T] = {list(inputs.shape[:2])}", 0
-    bad = ((y != IGNORE_INDEX) & ((y < 0) | (y >= vocab_size))).any()
-    if bool(bad):
+    bad = ((y != IGNORE_INDEX) & ((y < 0) | (y >= vocab_size))).any().long()
+    bad, code = torch.stack([bad, comm.content_sum(y) if content else torch.zeros_like(bad)]).tolist()
+    if bad:
         return f"{name} holds values outside [0, {vocab_size}) other than {IGNORE_INDEX}", 0
-    return None, comm.content_code(y) if content else 0
+    return None, code
 
 
 class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM, FLAUnsupportedCacheGenerationMixin):
@@ -614,7 +615,10 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
         """What the loss and logits add to the forward's CP agreement check: (fields, local error).
 
         Under CP the labels must be usable on every rank before any rank starts the loss all-reduce, and
-        global labels must be the same on every rank (a content code; sharded ones differ by design)."""
+        global labels must be the same on every rank (a content code; sharded ones differ by design).
+        Nothing to check without CP (the forward then makes no agreement check)."""
+        if self.cp_size == 1:
+            return {}, None
         items = 0.0
         if num_items_in_batch is not None:
             items = float(num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
@@ -625,11 +629,6 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
         inputs = input_ids if input_ids is not None else inputs_embeds
         for name, y in (("labels", labels), ("shift_labels", shift_labels)):
             if y is None:
-                continue
-            if self.cp_size == 1:       # the loss itself raises clearly enough in one process
-                if inputs is not None and tuple(y.shape[:2]) != tuple(inputs.shape[:2]):
-                    return fields, f"{name} has shape {tuple(y.shape)}; it must match the inputs' [B, T] = " \
-                                   f"{list(inputs.shape[:2])}"
                 continue
             error, code = _labels_check(name, y, inputs, self.vocab_size, content=not inputs_are_sharded)
             if error:
