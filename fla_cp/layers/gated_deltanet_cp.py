@@ -215,8 +215,8 @@ class GatedDeltaNetCP(GatedDeltaNet):
         autocast = torch.is_autocast_enabled(device_type)
         return {
             "batch size and dtype of hidden_states": [shape[0], comm.dtype_code(getattr(hidden_states, "dtype", None))],
-            "autocast (enabled, dtype)": [autocast, comm.dtype_code(torch.get_autocast_dtype(device_type))
-                                          if autocast else 0],
+            "autocast (enabled, dtype)": [autocast, comm.dtype_code(torch.get_autocast_dtype(device_type)
+                                                                    if autocast else None)],
             "use_cache": [bool(use_cache)],
             # a global mask must also be the same mask on every rank (a rank-local one differs by design)
             "attention_mask (given, content)": [attention_mask is not None, mask_code],

@@ -339,10 +339,11 @@ def _call_fields(cp: CPContext, ok: bool, q, v, initial_state, output_final_stat
     hold zeros, so every rank still sends the same number of integers."""
     return {
         "B/H/K/HV/V of q, k, v": [q.shape[0], q.shape[2], q.shape[3], v.shape[2], v.shape[3]] if ok else [0] * 5,
-        "dtype and device type of q, k, v": [comm.dtype_code(q.dtype), comm.dtype_code(q.device.type)] if ok
-        else [0, 0],
-        "initial_state (given, dtype)": [initial_state is not None, comm.dtype_code(initial_state.dtype)]
-        if ok and initial_state is not None else [0, 0],
+        "dtype and device type of q, k, v": [comm.dtype_code(q.dtype if ok else None),
+                                             comm.dtype_code(q.device.type if ok else None)],
+        "initial_state (given, dtype)": [initial_state is not None if ok else 0,
+                                         comm.dtype_code(initial_state.dtype if ok and initial_state is not None
+                                                         else None)],
         "output_final_state": [output_final_state if ok else 0],
         "use_qk_l2norm_in_kernel": [l2norm_qk if ok else 0],
         "scale (after defaulting to K ** -0.5)": [float(scale) if ok else 0.0],

@@ -76,9 +76,43 @@ def all_reduce_sum_(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
-def dtype_code(dtype: torch.dtype | None) -> int:
-    """The same integer for the same dtype in every process (for agreement fields); 0 for None."""
-    return 0 if dtype is None else zlib.crc32(str(dtype).encode())
+def broadcast_from_first(t: torch.Tensor, group) -> torch.Tensor:
+    """Group rank 0's `t` (same shape and dtype on every rank), on `t`'s device; a new tensor."""
+    if world_size(group) == 1:
+        return t.clone()
+    buf = t.detach().to(collective_device(group), copy=True).contiguous()
+    dist.broadcast(buf, group=group, group_src=0)
+    return buf.to(t.device)
+
+
+class _NameCode(int):
+    """An agreement-field integer that stands for a name (a dtype, a device type): mismatch messages
+    print the names back."""
+
+
+# every name a rank may send, so that a message can name the other rank's value too
+_CODE_NAMES = {zlib.crc32(str(x).encode()): str(x) for x in
+               [*{v for v in vars(torch).values() if isinstance(v, torch.dtype)},
+                "cpu", "cuda", "meta", "mps", "xpu", "hpu", "mtia", "privateuseone"]}
+
+
+def dtype_code(dtype: torch.dtype | str | None) -> int:
+    """The same integer for the same dtype (or device type) in every process, for agreement fields;
+    0 for None. Mismatch messages show the name."""
+    if dtype is None:
+        return _NameCode(0)
+    code = zlib.crc32(str(dtype).encode())
+    _CODE_NAMES.setdefault(code, str(dtype))
+    return _NameCode(code)
+
+
+def _shown(n: int, local_value) -> object:
+    """A gathered field value as a message shows it (decoded like the local value it sits beside)."""
+    if isinstance(local_value, float):
+        return _bits_float(n)
+    if isinstance(local_value, _NameCode):
+        return "None" if n == 0 else _CODE_NAMES.get(n, n)
+    return n
 
 
 def content_code(t: torch.Tensor) -> int:
@@ -139,7 +173,7 @@ def check_agreement(group, local_error: str | None, fields: dict[str, list[int |
         differ = (cols != cols[0]).any(dim=1).nonzero().flatten().tolist()
         if differ:
             r = differ[0]
-            shown = [[_bits_float(n) if isinstance(v, float) else n for n, v in zip(row.tolist(), vals)]
+            shown = [[_shown(n, v) for n, v in zip(row.tolist(), vals)]
                      for row in (cols[0], cols[r])]
             raise ValueError(f"{what}: {name} differs between ranks: rank 0 has {shown[0]}, "
                              f"rank {r} has {shown[1]} (seen on rank {rank})")

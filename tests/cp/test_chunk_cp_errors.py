@@ -148,7 +148,7 @@ def case_build_huge_seq_len_on_one_rank(rank):
 CASES = {
     case_k_shape_on_one_rank: ["rank 1", "k has shape"],
     case_head_dim_differs_between_ranks: ["differs between ranks", "rank 1", "B/H/K/HV/V"],
-    case_dtype_differs_between_ranks: ["differs between ranks", "dtype"],
+    case_dtype_differs_between_ranks: ["differs between ranks", "dtype", "torch.float32", "torch.bfloat16"],
     case_cu_seqlens_differ_between_ranks: ["cu_seqlens", "differs between ranks", "rank 1"],
     case_cu_seqlens_not_increasing: ["cu_seqlens", "strictly increasing", "rank 0", "rank 1"],
     case_local_token_count: ["rank 0", "tokens", "cp_context"],
@@ -163,14 +163,14 @@ CASES = {
     case_cu_seqlens_int_on_one_rank: ["rank 1", "cu_seqlens must be", "int"],
     case_backend_misspelled_on_one_rank: ["rank 1", "backend must be one of", "'Torch'"],
     case_initial_state_int_on_one_rank: ["rank 1", "initial_state must be a floating", "int64"],
-    case_initial_state_dtype_differs: ["initial_state (given, dtype)", "differs between ranks"],
+    case_initial_state_dtype_differs: ["initial_state (given, dtype)", "differs between ranks", "torch.bfloat16"],
     case_build_seq_len_not_int_on_one_rank: ["build_cp_context", "rank 1", "seq_len must be a positive int"],
     case_build_cu_seqlens_2d_on_one_rank: ["build_cp_context", "rank 1", "1-D integer tensor"],
     case_build_cu_seqlens_float_on_one_rank: ["build_cp_context", "rank 1", "must hold integers"],
     case_scale_huge_int_on_one_rank: ["rank 1", "OverflowError"],
     case_zero_heads_on_one_rank: ["rank 1", "must be >= 1", "H=0"],
     case_flag_array_on_one_rank: ["rank 1", "output_final_state must be a bool"],
-    case_meta_device_on_one_rank: ["dtype and device type", "differs between ranks"],
+    case_meta_device_on_one_rank: ["dtype and device type", "differs between ranks", "'cpu'", "'meta'"],
     case_build_huge_seq_len_on_one_rank: ["cu_seqlens/seq_len/layout", "differs between ranks"],
 }
 

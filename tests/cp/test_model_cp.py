@@ -1,4 +1,5 @@
-"""GatedDeltaNetCPForCausalLM: CP (2 and 4 ranks, dp x cp) == one process; FLA checkpoints; generation.
+"""GatedDeltaNetCPForCausalLM: CP (2 and 4 ranks, dp x cp) == one process; FLA checkpoints; generation;
+gradient checkpointing; sampling.
 
 The multi-rank checks of one world size share one spawn (process start-up dominates on CPU).
 """
@@ -15,6 +16,7 @@ from tests.cp._dist import run_ranks
 
 TOL = 1e-5
 VOCAB = 96
+SAMPLE_SEED = 100
 SMALL = dict(hidden_size=32, head_dim=8, num_heads=2, num_v_heads=4, expand_v=1.0, num_hidden_layers=2,
              vocab_size=VOCAB, hidden_ratio=2, norm_eps=1e-6)
 
@@ -98,11 +100,26 @@ def _worker_cp2(rank, world, state):
     sync_gradients(model)
     res["sharded"] = (out.loss.detach(), ctx.unshard(out.logits.detach(), 1),
                       {n: p.grad.clone() for n, p in model.named_parameters()})
-    # greedy generation with CP prefill
+    # gradient checkpointing recomputes each block (and its collectives) in backward: same results
+    model = make_model(cp_size=2)
+    model.load_state_dict(state)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    model.model.layers[0].attn.register_forward_hook(lambda *_: calls.append(1))
+    for name in ("dense", "packed"):
+        loss, logits, _ = run_case(model, name, b)
+        sync_gradients(model)
+        res[("checkpointed", name)] = (loss, logits, {n: p.grad.clone() for n, p in model.named_parameters()})
+    res["checkpointed forwards"] = len(calls)
+    # greedy generation with CP prefill; sampling draws from rank 0's random stream on every rank
     model.eval()
     with torch.no_grad():
         res["generate"] = model.generate(b["dense"][:, :11], max_new_tokens=7, do_sample=False,
                                          attention_mask=torch.ones(2, 11, dtype=torch.long))
+        torch.manual_seed(SAMPLE_SEED + rank)
+        res["sample"] = model.generate(b["dense"][:, :11], max_new_tokens=7, do_sample=True, top_k=0,
+                                       attention_mask=torch.ones(2, 11, dtype=torch.long))
+        res["rng after sampling"] = torch.get_rng_state()
     # errors, each raised on every rank without a hang
     res["short"] = expect_error(lambda: model(input_ids=b["dense"][:, :1]), "shorter")
     res["divide"] = expect_error(lambda: init_cp_mesh(3), "does not divide")
@@ -176,6 +193,9 @@ def reference():
     with torch.no_grad():
         gen = model.generate(b["dense"][:, :11], max_new_tokens=7, do_sample=False,
                              attention_mask=torch.ones(2, 11, dtype=torch.long))
+        torch.manual_seed(SAMPLE_SEED)
+        refs["sample"] = model.generate(b["dense"][:, :11], max_new_tokens=7, do_sample=True, top_k=0,
+                                        attention_mask=torch.ones(2, 11, dtype=torch.long))
     return model, refs, gen
 
 
@@ -188,7 +208,14 @@ def test_model_cp2_matches_cp1(reference):
                 compare(res[(layout, name)], refs[name], f"cp=2 rank {rank} {layout} {name}")
         compare(res["sharded"], refs["packed"], f"cp=2 rank {rank} inputs_are_sharded")
         assert torch.equal(res["generate"], gen), f"rank {rank}: {res['generate']} vs {gen}"
-    assert gen.shape[1] == 18
+        for name in ("dense", "packed"):
+            compare(res[("checkpointed", name)], refs[name], f"cp=2 rank {rank} gradient checkpointing {name}")
+        # 2 batches x (forward + recompute in backward) x 1 first layer
+        assert res["checkpointed forwards"] == 4, res["checkpointed forwards"]
+        # seeded differently, every rank sampled what one process seeded like rank 0 samples
+        assert torch.equal(res["sample"], refs["sample"]), f"rank {rank}: {res['sample']} vs {refs['sample']}"
+        assert torch.equal(res["rng after sampling"], results[0]["rng after sampling"])
+    assert gen.shape[1] == 18 and not torch.equal(refs["sample"][:, 11:], gen[:, 11:])
 
 
 def test_model_cp4_and_dp2xcp2(reference):

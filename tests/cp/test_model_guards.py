@@ -3,7 +3,8 @@
 - a loss on `gather_logits=True` logits (replicated on every CP rank) counts once after `sync_gradients`
   (it gave P x gradients), tied and untied embeddings, alone and added to `out.loss`; decode steps too;
 - every CP forward, prefill or decode, runs one agreement check: a rank decoding while the others
-  prefill raises on every rank (it hung), and a build error on one rank reaches all ranks;
+  prefill raises on every rank (it hung), and a build error on one rank reaches all ranks; a decode
+  step fed another token on one rank raises (ranks sampling differently drifted apart silently);
 - `attention_mask` with a hole raises (it gave wrong logits), with cp_size 1 and under CP;
 - `config.use_l2warp=True` is FLA's `l2_warp` (it was ignored), exactly under CP;
 - every label -100 gives FLA's NaN loss.
@@ -271,6 +272,10 @@ def _worker_mismatch(rank, world):
         mask = torch.ones_like(ids)
         mask[0, :2 + rank] = 0
         res["mask differs"] = error_of(lambda: model(ids, attention_mask=mask))
+        # a decode step fed a different token on one rank (ranks whose sampling diverged)
+        cache = model(ids[:, :8], use_cache=True).past_key_values
+        res["decode token differs"] = error_of(
+            lambda: model(ids[:, 8:9] if rank == 0 else ids[:, 9:10], past_key_values=cache, use_cache=True))
         res["generate differs"] = error_of(lambda: model.generate(ids[:, :8], max_new_tokens=3 + rank, do_sample=False))
         # and the group still works afterwards
         res["after"] = model(ids, gather_logits=True).logits
@@ -390,7 +395,8 @@ def test_one_rank_mismatch_raises_everywhere():
                             "labels float": "rank 1: labels must be an integer", "num_items differs":
                             "num_items_in_batch (given, value) differs", "labels vs shift_labels":
                             "shift_labels given", "mask differs": "attention_mask (given, content) differs",
-                            "generate differs": "max_new_tokens differs"}.items():
+                            "generate differs": "max_new_tokens differs",
+                            "decode token differs": "length along dim 1, content) differs"}.items():
             assert words in res[case], f"rank {rank}, {case}: {res[case]}"
     assert torch.equal(results[0]["after"], results[1]["after"])
 

@@ -70,6 +70,11 @@ Generation: `model.generate(input_ids, max_new_tokens=..., do_sample=False)` on 
 with the same prompt: the prefill runs with CP (the cache starts empty); the recurrent and conv states
 of every layer are gathered to all ranks, the last-position logits too, and decoding then runs the
 cached single-token steps replicated on every rank: all ranks return the same tokens as cp_size=1.
+With `do_sample=True` every CP rank first takes CP rank 0's RNG state, so all sample the tokens one
+device seeded like rank 0 would; a decode step fed different tokens on different ranks raises.
+
+Gradient checkpointing (`gradient_checkpointing_enable()`) recomputes each block in backward, its
+collectives included, the same way on every rank (the setting is part of the agreement check).
 
 Limits: hybrid configs with attention layers (`attn`) and `attnres_block_size` raise under CP>1
 (resp. always for attnres); the prompt/sequence must have at least as many tokens as CP parts.
@@ -360,7 +365,7 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
             # bad ids would raise in the embedding on one rank only and leave the others waiting in the
             # check; the content code catches ranks passing different "same" global batches
             error, code = _token_ids_check(input_ids, self.vocab_size)
-            inputs_field[3] = code if not inputs_are_sharded and cp is not None else 0
+            inputs_field[3] = code if not inputs_are_sharded else 0   # decode steps too: replicated
         if cp is not None and not inputs_are_sharded and error is None:
             input_ids = cp.shard(input_ids, dim=1) if input_ids is not None else None
             inputs_embeds = cp.shard(inputs_embeds, dim=1) if inputs_embeds is not None else None
@@ -592,7 +597,10 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
     def generate(self, inputs=None, generation_config=None, **kwargs):
         """HF `generate`; under CP every rank must pass the same prompt and settings (checked first, in
         one tiny collective: a rank that stopped decoding early would leave the others waiting).
-        Sampling (`do_sample=True`) also needs the same RNG state on every rank (`torch.manual_seed`)."""
+
+        Sampling (`do_sample=True`) under CP draws from CP rank 0's random stream on every rank: rank 0's
+        RNG state (CPU, and the model's CUDA device) is copied to the others first, so every rank picks
+        the tokens one device with rank 0's state would pick, and all CP ranks leave with that state."""
         if self.cp_size > 1:
             prompt = inputs if inputs is not None else kwargs.get("input_ids")
             config = generation_config or self.generation_config
@@ -608,7 +616,16 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
                 error = f"generate settings: {type(e).__name__}: {e}"
                 fields = {"prompt (shape, content)": [0, 0, 0], **{n: [0, 0.0] for n in self._GENERATE_FIELDS}}
             comm.check_agreement(self.cp_group, error, fields, what=f"{type(self).__name__}.generate")
+            if kwargs.get("do_sample", getattr(config, "do_sample", False)):
+                self._share_rng_state()
         return super().generate(inputs, generation_config=generation_config, **kwargs)
+
+    def _share_rng_state(self):
+        """Copy CP rank 0's RNG state to every CP rank (the generators sampling may draw from)."""
+        torch.set_rng_state(comm.broadcast_from_first(torch.get_rng_state(), self.cp_group))
+        if self.device.type == "cuda":
+            state = comm.broadcast_from_first(torch.cuda.get_rng_state(self.device), self.cp_group)
+            torch.cuda.set_rng_state(state, self.device)
 
     def _cp_check_extra(self, input_ids, inputs_embeds, labels, shift_labels, gathers, num_items_in_batch,
                         inputs_are_sharded):
