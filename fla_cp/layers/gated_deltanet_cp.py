@@ -87,6 +87,9 @@ class GatedDeltaNetCP(GatedDeltaNet):
             # before the first collective (the conv halo): bad or mismatched input must raise, not hang
             self.check_cp_call(hidden_states, cp, attention_mask, use_cache, last_state, verify_agreement)
         B, T, _ = hidden_states.shape
+        if cp is None and cu_seqlens is not None and not torch.is_tensor(cu_seqlens):
+            # a list of ints, as build_cp_context takes under CP
+            cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.long, device=hidden_states.device)
         if cp is None and cu_seqlens is not None and B != 1:
             raise ValueError(f"cu_seqlens requires batch size 1, got {B}")
 

@@ -12,6 +12,8 @@ one flattened packed stream and never sees the group.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -180,9 +182,25 @@ def _local_summaries(plan: _Plan, slot_segment, compute, shape, device) -> torch
     return out
 
 
+def _autocast_off(fn):
+    """Run `fn` with autocast off on every device type: the local compute keeps its own precision (fp32
+    chunk math and states, as FLA's Triton kernels, which autocast never reaches), so a bf16-autocast
+    run computes the same thing with and without CP (autocast would round the torch backend's matmuls,
+    its fold and the saved incoming state to bf16, differently from the single-device path)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device_type in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            return fn(*args, **kwargs)
+    return wrapped
+
+
 class ChunkCPGatedDeltaRuleFunction(torch.autograd.Function):
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, q, k, v, g, beta, initial_state, plan: _Plan, scale: float, output_final_state: bool, backend):
         cp = plan.cp
         HV, K, V = v.shape[2], q.shape[3], v.shape[3]
@@ -216,6 +234,7 @@ class ChunkCPGatedDeltaRuleFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable  # the backward is not itself differentiable: double backward raises, not lies
+    @_autocast_off
     def backward(ctx, do, dht):
         q, k, v, g, beta, initial_state, incoming, *kept = ctx.saved_tensors
         plan, backend = ctx.plan, ctx.backend

@@ -310,3 +310,16 @@ def test_config_picks_the_kernels(monkeypatch):
     if not torch.cuda.is_available():   # FLA was imported compiled here: its conv cannot run on CPU
         with pytest.raises(RuntimeError, match=r"GatedDeltaNetCP\(conv_backend='fla'\) off CUDA"):
             loaded(ids)
+
+
+def test_packed_list_cu_seqlens_and_one_projection():
+    """cu_seqlens as a list works without CP too (as under CP), and a forward with labels projects
+    to the vocabulary once: the loss's logits are the returned ones."""
+    model = make_model()
+    b = batches()
+    calls = []
+    model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    ref = model(input_ids=b["packed"], labels=b["packed"], cu_seqlens=b["cu"])
+    got = model(input_ids=b["packed"], labels=b["packed"], cu_seqlens=b["cu"].tolist())
+    assert calls == [1, 1]
+    assert torch.equal(got.loss, ref.loss) and torch.equal(got.logits, ref.logits)

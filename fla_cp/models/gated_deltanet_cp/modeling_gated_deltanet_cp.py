@@ -556,7 +556,7 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
         # a decode step after a CP prefill runs in full on every CP rank: its gradients are replicated
         replicated = self.cp_size > 1 and cp is None
 
-        loss = None
+        loss, logits = None, None
         if labels is not None or shift_labels is not None:
             if shift_labels is None:
                 shift_labels = labels if inputs_are_sharded else shift_labels_globally(labels, cu_seqlens)
@@ -574,14 +574,15 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
             # (equal) gradients and `_replicated_grad` divides by P, so after `sync_gradients` that
             # loss counts once (lm_head, applied on every rank, gets 1/P of its gradient per rank too).
             hidden_states = cp.unshard(hidden_states, dim=1)
-            replicated = True
-        if loss is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif loss is None and torch.is_tensor(logits_to_keep):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-        if replicated:
-            _replicated_grad(logits, self.cp_size)
+            replicated, logits = True, None
+        if logits is None:      # else the loss's logits are the ones to return (no second projection)
+            if loss is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
+                hidden_states = hidden_states[:, -logits_to_keep:]
+            elif loss is None and torch.is_tensor(logits_to_keep):
+                hidden_states = hidden_states[:, logits_to_keep]
+            logits = self.lm_head(hidden_states)
+            if replicated:
+                _replicated_grad(logits, self.cp_size)
 
         if not return_dict:
             output = (logits, outputs.past_key_values, outputs.hidden_states)
