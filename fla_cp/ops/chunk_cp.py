@@ -432,7 +432,8 @@ def chunk_cp_gated_delta_rule(
     outputs (a rank whose loss does not depend on them leaves the others waiting in the backward
     all_gather; use `0 * o.sum()` there). Double backward is not supported and raises.
     Compute is fp32 inside (states, summaries, chunk math) for fp32, bf16 and fp16 inputs; float64
-    inputs are accepted but also computed in fp32.
+    inputs are accepted but also computed in fp32. Autocast does not reach inside (as with FLA's
+    kernels): under bf16 autocast the op computes what it computes on the same inputs without it.
     """
     cp = cp_context
     if cp is None:
