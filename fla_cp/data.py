@@ -80,21 +80,40 @@ class Corpus:
             return path.read_text(encoding="utf-8", errors="replace")
         with open(path, "rb") as fh:
             fh.seek(offset)
-            obj = json.loads(fh.readline())
+            line = fh.readline()
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self._where(path, offset)}: not valid JSON: {e.msg} (column {e.colno})") from None
         if isinstance(obj, str):
             return obj
+        if not isinstance(obj, dict):
+            raise ValueError(f"{self._where(path, offset)}: expected a JSON object with a text field or a JSON "
+                             f"string, got {type(obj).__name__}")
         if "text" in obj:
             return str(obj["text"])
         for value in obj.values():
             if isinstance(value, str):
                 return value
-        raise ValueError(f"{path}@{offset}: no text field in {list(obj)}")
+        raise ValueError(f"{self._where(path, offset)}: no text field (no string value) in {list(obj)}")
+
+    @staticmethod
+    def _where(path: Path, offset: int) -> str:
+        """`file:line` of the .jsonl line at byte `offset` (counted only for an error message)."""
+        with open(path, "rb") as fh:
+            line = fh.read(offset).count(b"\n") + 1
+        return f"{path}:{line}"
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255, plus EOS = 256."""
+    """UTF-8 bytes as tokens 0..255, plus EOS = 256.
+
+    EOS is also the BOS: it is the token before every document in the packed stream, so a prompt
+    that starts a fresh document starts with it. There is no padding token (packing never pads)."""
     name = "byte"
     eos_token_id = 256
+    bos_token_id = 256
+    pad_token_id = None
     vocab_size = 257
 
     def encode(self, text: str) -> list[int]:
@@ -109,12 +128,21 @@ class HFTokenizer:
 
     def __init__(self, path: str):
         from transformers import AutoTokenizer
-        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            if Path(path).is_dir():     # a directory without a usable tokenizer: HF's message says what is missing
+                raise
+            # otherwise HF's message is about failing to reach huggingface.co, which we never try
+            raise FileNotFoundError(f"--tokenizer {path!r}: not 'byte' and no such directory (a local Hugging Face "
+                                    f"tokenizer directory is expected; nothing is downloaded)") from e
         self.name = str(path)
         eos = self.tok.eos_token_id if self.tok.eos_token_id is not None else self.tok.sep_token_id
         if eos is None:
             raise ValueError(f"tokenizer {path} has neither an EOS nor a SEP token to end documents with")
         self.eos_token_id = int(eos)
+        self.bos_token_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.eos_token_id
+        self.pad_token_id = self.tok.pad_token_id
         self.vocab_size = len(self.tok)
 
     def encode(self, text: str) -> list[int]:

@@ -46,6 +46,9 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
 # triton.jit picks the interpreter or the compiler when a kernel is decorated, i.e. when fla / fla_cp
 # are first imported, so --smoke has to turn the interpreter on before anything imports them (torch
@@ -437,6 +440,8 @@ def parse_args(argv=None):
     bad = [s for s in args.shapes if s not in SHAPES] + [m for m in args.modes if m not in ("fwd", "fwd+bwd")]
     if bad:
         p.error(f"unknown shapes/modes: {bad}")
+    if min(args.T) < 1 or min(args.P) < 1:
+        p.error(f"T and P must be >= 1: T={args.T}, P={args.P}")
     if any(T % P for T in args.T for P in args.P):
         p.error(f"every T must split evenly over every P: T={args.T}, P={args.P}")
     # the interpreter has no bf16 math (numpy): the smoke runs fp32, the GPU run bf16

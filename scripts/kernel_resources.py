@@ -19,7 +19,11 @@ import argparse
 import os
 import re
 import subprocess
+import sys
 import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     raise SystemExit("kernel_resources.py compiles kernels: unset TRITON_INTERPRET")
@@ -103,11 +107,23 @@ def ptxas_report(ptx: str, arch: int) -> dict:
                 stack=num(r"(\d+) bytes stack frame"), wgmma_serialized="serialized" in log)
 
 
+def comma_list(choices):
+    """An argparse type: a comma list whose every item is one of `choices`."""
+    def parse(s: str) -> list[str]:
+        items = s.split(",")
+        bad = [x for x in items if x not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad} (choose from {', '.join(choices)})")
+        return items
+    return parse
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (80 = A100, 90 = H100/H200)")
-    p.add_argument("--shapes", type=lambda s: s.split(","), default=list(SHAPES))
-    p.add_argument("--dtypes", type=lambda s: s.split(","), default=list(TYPES))
+    p.add_argument("--shapes", type=comma_list(SHAPES), default=list(SHAPES), help=f"comma list of {list(SHAPES)}")
+    p.add_argument("--dtypes", type=comma_list(TYPES), default=list(TYPES),
+                   help=f"comma list of {list(TYPES)}")
     p.add_argument("--default-only", action="store_true", help="only the untuned default config")
     p.add_argument("--fla", action="store_true", help="also FLA's fwd_h kernel on each shape, for reference")
     args = p.parse_args(argv)

@@ -14,6 +14,10 @@ SEQ_LENS=${SEQ_LENS:-1024,2048,4096}
 MODEL=${MODEL:-small}
 TRAIN_STEPS=${TRAIN_STEPS:-3}
 OUT=${OUT:-runs/cp_tests}
+# the numerical check needs >= 2 ranks (one would compare cp_size=1 with itself): say so before any run
+case "$CP_SIZE" in
+  *[!0-9]*|0|1) echo "CP_SIZE must be an integer >= 2, got '$CP_SIZE'" >&2; exit 2 ;;
+esac
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
 TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node=$CP_SIZE"

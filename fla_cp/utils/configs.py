@@ -2,7 +2,8 @@
 
 A preset is a dict of GatedDeltaNetConfig fields; `<path>` is a JSON file of such fields or a
 directory with a `config.json` (e.g. a checkpoint). FLA's fused Triton norm / SwiGLU / cross-entropy
-are switched off so the same config runs on CPU; `vocab_size` always comes from the tokenizer.
+are switched off so the same config runs on CPU; `vocab_size` always comes from the tokenizer, and
+the CP launch choices (`cp_size`, `cp_layout`) from the command line, never from the file.
 """
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ PRESETS: dict[str, dict] = {
              "hidden_ratio": 4},
 }
 
+# The scripts pass these to the config themselves (--cp_size, --cp_layout): a checkpoint's config.json
+# holds cp_layout, and a second value for it would be a TypeError, or would silently override the flag.
+LAUNCH_FIELDS = ("cp_size", "cp_layout")
+
 CPU_SAFE = {"fuse_norm": False, "fuse_swiglu": False, "fuse_cross_entropy": False,
             "fuse_linear_cross_entropy": False, "use_cache": False}
 
@@ -36,7 +41,8 @@ def model_config_kwargs(spec: str, vocab_size: int, **overrides) -> dict:
         if not path.is_file():
             raise FileNotFoundError(f"--model_config {spec!r}: not a preset ({', '.join(PRESETS)}) nor a JSON file")
         fields = json.loads(path.read_text())
-        for key in ("architectures", "model_type", "transformers_version", "auto_map", "dtype", "torch_dtype"):
+        for key in ("architectures", "model_type", "transformers_version", "auto_map", "dtype", "torch_dtype",
+                    *LAUNCH_FIELDS):
             fields.pop(key, None)
     fields.update(CPU_SAFE)
     fields["vocab_size"] = vocab_size

@@ -1,6 +1,7 @@
 """The loss curve on disk: one row per step, as CSV (`.csv`) or JSON lines (anything else).
 
     log = MetricsLog("run/loss.jsonl", resume_step=100)   # keeps rows with step <= 100, drops the rest
+    log.kept                                              # those rows (the run so far)
     log.write({"step": 101, "loss": 2.31, ...})
     rows = read_log("run/loss.jsonl")
 
@@ -37,12 +38,13 @@ def _num(v: str):
 class MetricsLog:
     def __init__(self, path, resume_step: int | None = None, enabled: bool = True):
         self.path, self.enabled, self.fields = Path(path), enabled, None
+        self.kept: list[dict] = []
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [r for r in read_log(self.path) if resume_step is not None and r["step"] <= resume_step]
+        self.kept = [r for r in read_log(self.path) if resume_step is not None and r["step"] <= resume_step]
         self.path.unlink(missing_ok=True)
-        for row in kept:
+        for row in self.kept:
             self.write(row)
 
     def write(self, row: dict) -> None:

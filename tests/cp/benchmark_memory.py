@@ -2,15 +2,17 @@
 
     python tests/cp/benchmark_memory.py --cp_size 1                       # saves the baseline
     torchrun --nproc_per_node=4 tests/cp/benchmark_memory.py --cp_size 4  # compares against it
-    python tests/cp/benchmark_memory.py --plot memory.png                  # plot every saved run
+    python tests/cp/benchmark_memory.py --plot memory.png                  # plot the latest run and its peers
 
 Every measurement runs in a fresh process per rank (spawned by each launcher rank), so that
   * on GPU, Peak is torch.cuda.max_memory_allocated of that step;
   * on CPU, Peak is the process's peak resident set (ru_maxrss), which cannot be reset in-process.
 Activations is exact and device-independent: the bytes of tensors autograd saved for backward
 (torch.autograd.graph.saved_tensors_hooks, each storage once, parameters excluded). Model is the
-parameter bytes. Reduction compares with the saved cp_size=1 results of the same model and device.
-An out-of-memory step is reported in Status, not a crash. Results: <results_dir>/memory_<dev>_cp<P>.json.
+parameter bytes. Reduction compares with the saved cp_size=1 results measured with the same settings
+(resolved model config, vocab, dtype, batch size, device); the plot draws the runs whose settings match
+the latest one. An out-of-memory step is reported in Status, not a crash. Results:
+<results_dir>/memory_<dev>_cp<P>.json (memory_<dev>_cp<P>_zigzag.json for --cp_layout zigzag).
 """
 from __future__ import annotations
 
@@ -37,9 +39,12 @@ from fla_cp.utils.dist import (
     free_port,
     init_distributed,
 )
+from fla_cp.utils.configs import model_config_kwargs
 from fla_cp.utils.memory import fmt_bytes
 
 DEFAULT_SEQ_LENS = "1024,2048,4096,8192,16384"
+# The warm-up step runs 1/WARMUP_DIV of each rank's measured tokens (see warmup_len).
+WARMUP_DIV = 8
 
 
 def get_args(argv=None):
@@ -52,7 +57,8 @@ def get_args(argv=None):
     p.add_argument("--vocab_size", type=int, default=257, help="257 = the byte tokenizer of train_cp_real.py")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
     p.add_argument("--results_dir", default="runs/benchmark_memory")
-    p.add_argument("--plot", default=None, help="write a PNG of memory vs sequence length for every saved cp_size")
+    p.add_argument("--plot", default=None, help="write a PNG of memory vs sequence length of this run (or, with "
+                   "--plot alone, the latest saved one) and the saved runs with the same settings")
     p.add_argument("--mem_limit_gb", type=float, default=None,
                    help="CPU only: cap each measuring process's address space (to exercise the OOM status)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
@@ -68,7 +74,20 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 def is_oom(e: BaseException) -> bool:
     msg = str(e).lower()
-    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in msg or "can't allocate memory" in msg
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in msg \
+        or "can't allocate memory" in msg
+
+
+def warmup_len(seq_len: int, cp_size: int) -> int:
+    """Global length of the warm-up step, which gets one-time allocations (thread pools, allocator arenas,
+    library caches) out of the way before the measured step. Its size matters on CPU, where Peak is the
+    RSS growth of the measured step: memory the warm-up touched and the allocator kept is not counted
+    again. So every cp_size warms up on the same fraction of its own per-rank length; a fixed count
+    (it was 64 tokens per rank) let a CP run whose shard is <= 64 tokens warm up at full size while the
+    cp_size=1 baseline did not, inflating the peak reduction (24x at 101 tokens on 3 ranks). At least 2
+    tokens per rank: the zigzag layout needs 2 parts per rank."""
+    local_len = -(-seq_len // cp_size)
+    return min(seq_len, cp_size * max(2, local_len // WARMUP_DIV))
 
 
 def measure(args) -> dict:
@@ -86,7 +105,6 @@ def measure(args) -> dict:
         init_cp_mesh,
         sync_gradients,
     )
-    from fla_cp.utils.configs import model_config_kwargs
     from fla_cp.utils.memory import (
         SavedActivations,
         current_rss_bytes,
@@ -114,7 +132,7 @@ def measure(args) -> dict:
             sync_gradients(model)
             model.zero_grad(set_to_none=True)
 
-        step(min(args._seq_len, 64 * args.cp_size))      # one-time allocations out of the way
+        step(warmup_len(args._seq_len, args.cp_size))     # one-time allocations out of the way
         if info.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
@@ -188,11 +206,52 @@ def combine(seq_len: int, cp_size: int, per_rank: list[dict]) -> dict:
     return row
 
 
-def results_path(results_dir, device_type: str, cp_size: int) -> Path:
-    return Path(results_dir) / f"memory_{device_type}_cp{cp_size}.json"
+def results_path(results_dir, device_type: str, cp_size: int, layout: str = "contiguous") -> Path:
+    # cp_size=1 has a single layout (one rank holds everything): its file is the baseline of every layout
+    suffix = f"_{layout}" if cp_size > 1 and layout != "contiguous" else ""
+    return Path(results_dir) / f"memory_{device_type}_cp{cp_size}{suffix}.json"
 
 
-def print_table(run: dict, baseline: dict | None) -> None:
+def run_settings(args, device_name: str) -> dict:
+    """Everything but cp_size and layout that the numbers depend on: runs are compared (and plotted
+    together) only when these match. The model is the resolved config, so two JSON files with the same
+    name, or a preset with another vocab, do not pass for each other."""
+    settings = {"model": model_config_kwargs(args.model_config, args.vocab_size), "dtype": args.dtype,
+                "batch_size": args.batch_size, "device": device_name, "warmup_div": WARMUP_DIV}
+    return json.loads(json.dumps(settings))       # as it will read back from the results file
+
+
+def settings_diff(a: dict | None, b: dict | None, prefix: str = "") -> list[str]:
+    """The settings in which a and b differ, e.g. ['model.vocab_size 257 vs 20000']."""
+    if a is None or b is None:
+        return ["no settings saved (an older version of this script)"]
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += settings_diff(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key} {x} vs {y}")
+    return out
+
+
+def load_baseline(results_dir, run: dict) -> tuple[dict | None, str | None]:
+    """The saved cp_size=1 run with the settings of `run`, or None and a note that says why there is none."""
+    if run["cp_size"] == 1:
+        return None, None
+    path = results_path(results_dir, run["device_type"], 1)
+    if not path.is_file():
+        return None, f"(no saved cp_size=1 results at {path}: run with --cp_size 1 and the same options first)"
+    baseline = json.loads(path.read_text())
+    diff = settings_diff(baseline.get("settings"), run["settings"])
+    if diff:
+        shown = "; ".join(diff[:4]) + ("; ..." if len(diff) > 4 else "")
+        return None, (f"(no reduction column: {path} was measured with other settings (there vs here: {shown}): "
+                      f"run with --cp_size 1 and the same options first)")
+    return baseline, None
+
+
+def print_table(run: dict, baseline: dict | None, note: str | None = None) -> None:
     base = {r["seq_len"]: r for r in (baseline or {}).get("results", []) if r["status"] == "OK"}
     cpu = run["device_type"] == "cpu"
     head = ["Seq Len", "Local Chunk", "Model", "Peak/rank" + (" (RSS)" if cpu else ""),
@@ -222,26 +281,38 @@ def print_table(run: dict, baseline: dict | None) -> None:
     if cpu:
         print("Peak = peak RSS of a fresh process (includes ~interpreter+libraries); Reduction 'peak' uses the RSS "
               "growth during the step; 'act' = bytes saved for backward (exact).")
-    if baseline is None and run["cp_size"] != 1:
-        print("(no saved cp_size=1 results for this device in the results dir: run with --cp_size 1 first)")
+    if note:
+        print(note)
 
 
-def plot(results_dir, device_type: str, out: str) -> None:
+def plot(results_dir, device_type: str, out: str, latest: dict | None = None) -> list[dict]:
+    """Plot `latest` (default: the newest saved run) and the saved runs measured with its settings;
+    returns the runs plotted."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = sorted((json.loads(p.read_text()) for p in Path(results_dir).glob(f"memory_{device_type}_cp*.json")),
-                  key=lambda r: r["cp_size"])
-    if not runs:
+    paths = sorted(Path(results_dir).glob(f"memory_{device_type}_cp*.json"))
+    saved = {p.name: json.loads(p.read_text()) for p in paths}
+    if not saved:
         raise SystemExit(f"nothing to plot: no {results_dir}/memory_{device_type}_cp*.json")
+    latest = latest or max(saved.values(), key=lambda r: r.get("date", ""))
+    runs = [r for r in saved.values() if r is latest or not settings_diff(r.get("settings"), latest.get("settings"))]
+    if latest not in runs:     # not saved (yet)
+        runs.append(latest)
+    left_out = [name for name, r in saved.items() if r not in runs]
+    if left_out:
+        print(f"left out of the plot (measured with other settings than the cp_size={latest['cp_size']} "
+              f"{latest['cp_layout']} run of {latest.get('date')}): {', '.join(left_out)}")
+    runs.sort(key=lambda r: (r["cp_size"], r["cp_layout"]))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for run in runs:
         ok = [r for r in run["results"] if r["status"] == "OK"]
         xs = [r["seq_len"] for r in ok]
-        axes[0].plot(xs, [r["saved_bytes"] / 2**20 for r in ok], marker="o", label=f"cp_size={run['cp_size']}")
+        label = f"cp_size={run['cp_size']}" + (f" {run['cp_layout']}" if run["cp_size"] > 1 else "")
+        axes[0].plot(xs, [r["saved_bytes"] / 2**20 for r in ok], marker="o", label=label)
         key = "step_peak_bytes" if device_type == "cpu" else "peak_bytes"
-        axes[1].plot(xs, [r[key] / 2**20 for r in ok], marker="o", label=f"cp_size={run['cp_size']}")
+        axes[1].plot(xs, [r[key] / 2**20 for r in ok], marker="o", label=label)
     axes[0].set_title("activations saved for backward, per rank")
     axes[1].set_title("peak RSS growth in the step, per rank" if device_type == "cpu" else "peak allocated, per rank")
     for ax in axes:
@@ -251,10 +322,13 @@ def plot(results_dir, device_type: str, out: str) -> None:
         ax.set_ylabel("MiB")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(f"Gated DeltaNet CP memory, model={runs[0]['model_config']}, {runs[0]['device_name']}")
+    fig.suptitle(f"Gated DeltaNet CP memory, model={latest['model_config']} ({(latest['params'] or 0) / 1e6:.2f}M "
+                 f"params), {latest['dtype']}, batch {latest['batch_size']}, {latest['device_name']}")
     fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")
+    return runs
 
 
 def main(argv=None) -> int:
@@ -273,6 +347,13 @@ def main(argv=None) -> int:
         cleanup_distributed(info)
         return 2
     seq_lens = [int(s) for s in args.seq_lens.split(",")]
+    try:                                   # a bad --model_config: one clear error now, not a failed child per length
+        model_config_kwargs(args.model_config, args.vocab_size)
+    except (OSError, ValueError) as e:
+        if info.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        cleanup_distributed(info)
+        return 2
     rows = []
     for seq_len in seq_lens:
         port = broadcast_object(free_port() if info.is_main else None)
@@ -281,30 +362,27 @@ def main(argv=None) -> int:
         dist.all_gather_object(per_rank, mine)
         rows.append(combine(seq_len, args.cp_size, per_rank))
         if info.is_main:
-            print(f"seq_len {seq_len:>7,}: {rows[-1]['status']}"
-                  + (f", peak/rank {fmt_bytes(rows[-1]['peak_bytes'])}, activations/rank "
-                     f"{fmt_bytes(rows[-1]['saved_bytes'])}, {rows[-1]['step_time_s']:.1f}s" if rows[-1]["status"] == "OK" else ""),
+            row = rows[-1]
+            print(f"seq_len {seq_len:>7,}: {row['status']}"
+                  + (f", peak/rank {fmt_bytes(row['peak_bytes'])}, activations/rank "
+                     f"{fmt_bytes(row['saved_bytes'])}, {row['step_time_s']:.1f}s" if row["status"] == "OK" else ""),
                   flush=True)
     if info.is_main:
         n_params = next((r["params"] for r in rows if r["status"] == "OK"), None)
+        device_name = torch.cuda.get_device_name(0) if device_type == "cuda" else \
+            f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
         run = {"cp_size": args.cp_size, "cp_layout": args.cp_layout, "world_size": info.world_size,
                "model_config": args.model_config, "params": n_params, "dtype": args.dtype,
-               "batch_size": args.batch_size, "device_type": device_type,
-               "device_name": torch.cuda.get_device_name(0) if device_type == "cuda" else f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}",
+               "batch_size": args.batch_size, "device_type": device_type, "device_name": device_name,
+               "settings": run_settings(args, device_name),
                "date": datetime.datetime.now().isoformat(timespec="seconds"), "results": rows}
-        path = results_path(args.results_dir, device_type, args.cp_size)
+        path = results_path(args.results_dir, device_type, args.cp_size, args.cp_layout)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(run, indent=1))
-        base_path = results_path(args.results_dir, device_type, 1)
-        baseline = json.loads(base_path.read_text()) if base_path.is_file() and args.cp_size != 1 else None
-        if baseline is not None and (baseline["model_config"], baseline["dtype"], baseline["batch_size"]) != \
-                (args.model_config, args.dtype, args.batch_size):
-            print("(saved cp_size=1 results are for another model/dtype/batch: no reduction column)")
-            baseline = None
-        print_table(run, baseline)
+        print_table(run, *load_baseline(args.results_dir, run))
         print(f"saved {path}")
         if args.plot:
-            plot(args.results_dir, device_type, args.plot)
+            plot(args.results_dir, device_type, args.plot, latest=run)
     cleanup_distributed(info)
     return 0
 

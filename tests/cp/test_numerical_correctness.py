@@ -102,7 +102,8 @@ def run_once(model, batch, device) -> dict:
     out.loss.backward()
     sync_gradients(model)
     return {"logits": out.logits.detach().float().cpu(), "loss": out.loss.item(),
-            "grads": {n: p.grad.detach().float().cpu().clone() for n, p in model.named_parameters() if p.grad is not None}}
+            "grads": {n: p.grad.detach().float().cpu().clone()
+                      for n, p in model.named_parameters() if p.grad is not None}}
 
 
 def train(model, batches, optimizer: str, device) -> dict:
@@ -185,11 +186,13 @@ def compare(cp: dict, ref: dict, dtype: str, report: Report) -> None:
     for case in ("dense", "packed"):
         a, b = cp[case], ref[case]
         if a["logits"].shape != b["logits"].shape:
-            report.add(f"{dtype} {case}: logits shape", str(tuple(a["logits"].shape)), str(tuple(b["logits"].shape)), False)
+            report.add(f"{dtype} {case}: logits shape", str(tuple(a["logits"].shape)),
+                       str(tuple(b["logits"].shape)), False)
             continue
         within = ((a["logits"] - b["logits"]).abs() <= tol["logits_atol"] + tol["logits_rtol"] * b["logits"].abs())
         share = within.float().mean().item()
-        report.add(f"{dtype} {case}: logits within tol", f"{100 * share:.3f}% (max abs {(a['logits'] - b['logits']).abs().max():.2e})",
+        max_abs = (a["logits"] - b["logits"]).abs().max()
+        report.add(f"{dtype} {case}: logits within tol", f"{100 * share:.3f}% (max abs {max_abs:.2e})",
                    f">= {100 * tol['logits_share']:.0f}% within {tol['logits_atol']:g} + {tol['logits_rtol']:g}|ref|",
                    share >= tol["logits_share"])
         loss_rel = abs(a["loss"] - b["loss"]) / abs(b["loss"])
@@ -202,7 +205,8 @@ def compare(cp: dict, ref: dict, dtype: str, report: Report) -> None:
         worst_abs = max(((a["grads"][n] - b["grads"][n]).abs().max().item(), n) for n in b["grads"])
         worst_rel = max((rel_max(a["grads"][n], b["grads"][n]), n) for n in b["grads"])
         if tol["grad_rel"] is not None:
-            report.add(f"{dtype} {case}: grad max rel diff ({len(b['grads'])} tensors)", f"{worst_rel[0]:.2e} ({_short(worst_rel[1])})",
+            report.add(f"{dtype} {case}: grad max rel diff ({len(b['grads'])} tensors)",
+                       f"{worst_rel[0]:.2e} ({_short(worst_rel[1])})",
                        f"<= {tol['grad_rel']:g} (max|a-b|/max|ref| per tensor)", worst_rel[0] <= tol["grad_rel"])
         report.add(f"{dtype} {case}: grad max abs diff", f"{worst_abs[0]:.2e}",
                    f"<= {tol['grad_abs']:g}" if tol["grad_abs"] is not None else "(reported)",
@@ -233,24 +237,46 @@ def get_args(argv=None):
     p.add_argument("--cp_layout", default="contiguous", choices=["contiguous", "zigzag"])
     p.add_argument("--save_ref", action="store_true", help="single mode: save the reference to --ref")
     p.add_argument("--ref", default=DEFAULT_REF)
-    p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--train_steps", type=int, default=3, help="golden training steps (0: skip)")
-    return p.parse_args(argv)
+    p.add_argument("--dtypes", default="fp32,bf16", help=f"comma list of {', '.join(TOLERANCES)}")
+    p.add_argument("--train_steps", type=int, default=None,
+                   help="golden training steps (fp32 only; 0: skip). single mode: default 3; cp mode: default "
+                   "the reference's count, the only other value allowed is 0")
+    args = p.parse_args(argv)
+    args.dtypes = args.dtypes.split(",")
+    bad = [dt for dt in args.dtypes if dt not in TOLERANCES]      # e.g. fp16: no bounds, no reference for it
+    if bad:
+        p.error(f"--dtypes: unsupported {bad} (supported: {', '.join(TOLERANCES)})")
+    if args.train_steps is not None and args.train_steps < 0:
+        p.error("--train_steps must be >= 0")
+    return args
+
+
+def cp_train_steps(requested: int | None, saved: int) -> int:
+    """Training steps of a cp run: the reference's (it holds the parameters after exactly that many
+    steps), or 0 to skip the training checks. Raises ValueError for any other count."""
+    if requested is None or requested == saved:
+        return saved
+    if requested == 0:
+        return 0
+    raise ValueError(f"--train_steps {requested}: the reference has {saved} training steps "
+                     f"(use {saved}, or 0 to skip the training checks)")
 
 
 def main(argv=None) -> int:
     args = get_args(argv)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    dtypes = args.dtypes.split(",")
+    dtypes = args.dtypes
     if args.mode == "single":
         device = "cuda" if torch.cuda.is_available() else "cpu"      # where the CP run will compute too
-        results = {dt: compute(dt, args.train_steps, device=device) for dt in dtypes}
+        train_steps = 3 if args.train_steps is None else args.train_steps
+        results = {dt: compute(dt, train_steps, device=device) for dt in dtypes}
         for dt, res in results.items():
             print(f"{dt}: dense loss {res['dense']['loss']:.6f}, packed loss {res['packed']['loss']:.6f}"
-                  + "".join(f", {k} losses {[round(x, 4) for x in v['losses']]}" for k, v in res.items() if k.startswith("train")))
+                  + "".join(f", {k} losses {[round(x, 4) for x in v['losses']]}"
+                            for k, v in res.items() if k.startswith("train")))
         if args.save_ref:
             Path(args.ref).parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"results": results, "train_steps": args.train_steps}, args.ref)
+            torch.save({"results": results, "train_steps": train_steps}, args.ref)
             print(f"saved reference to {args.ref}")
         return 0
 
@@ -259,11 +285,18 @@ def main(argv=None) -> int:
     from fla_cp.models import init_cp_mesh
     from fla_cp.ops.comm import collective_device
     from fla_cp.utils.dist import cleanup_distributed, init_distributed
+    # one process would compare cp_size=1 with itself and pass: refuse before creating any group
+    world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size < 2:
+        print("error: --mode cp needs at least 2 ranks, e.g. `torchrun --nproc_per_node=2 "
+              "tests/cp/test_numerical_correctness.py --mode cp`", file=sys.stderr)
+        return 2
     info = init_distributed()
     cp_size = args.cp_size or info.world_size
     if info.world_size != cp_size:
         if info.is_main:
-            print(f"error: the check runs one CP group: launch {cp_size} ranks (world is {info.world_size})", file=sys.stderr)
+            print(f"error: the check runs one CP group: launch {cp_size} ranks (world is {info.world_size})",
+                  file=sys.stderr)
         cleanup_distributed(info)
         return 2
     if not Path(args.ref).is_file():
@@ -272,14 +305,21 @@ def main(argv=None) -> int:
         cleanup_distributed(info)
         return 2
     saved = torch.load(args.ref, weights_only=False)
+    try:
+        train_steps = cp_train_steps(args.train_steps, saved["train_steps"])
+    except ValueError as e:
+        if info.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        cleanup_distributed(info)
+        return 2
     mesh = init_cp_mesh(cp_size, device_type=info.device.type)
-    report = Report(f"Context parallelism vs single process | cp_size={cp_size} layout={args.cp_layout} backend={info.backend} "
-                    f"device={info.device} | model {MODEL} | reference {args.ref}")
+    report = Report(f"Context parallelism vs single process | cp_size={cp_size} layout={args.cp_layout} "
+                    f"backend={info.backend} device={info.device} | model {MODEL} | reference {args.ref}")
     for dt in dtypes:
         if dt not in saved["results"]:
             report.add(f"{dt}: reference present", "missing", f"saved with --dtypes {dt}", False)
             continue
-        res = compute(dt, saved["train_steps"], cp_size, info.device, device_mesh=mesh, layout=args.cp_layout)
+        res = compute(dt, train_steps, cp_size, info.device, device_mesh=mesh, layout=args.cp_layout)
         compare(res, saved["results"][dt], dt, report)
     ok = torch.tensor([float(report.passed)], device=collective_device(dist.group.WORLD))
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
@@ -322,27 +362,37 @@ def _cli_rank(rank, world_size, runs):
 
 
 def test_cli_single_then_cp_exit_codes(tmp_path):
-    """The command-line modes end to end: exit 0 against a true reference, 1 against a doctored one."""
+    """The command-line modes end to end: exit 0 against a true reference, 1 against a doctored one;
+    --train_steps 0 skips the reference's training checks, another count than the reference's is refused."""
     from _dist import run_ranks     # tests/cp is on sys.path (conftest.py)
-    ref, bad = str(tmp_path / "ref.pt"), str(tmp_path / "bad.pt")
+    ref, bad, trained = str(tmp_path / "ref.pt"), str(tmp_path / "bad.pt"), str(tmp_path / "trained.pt")
     common = ["--dtypes", "fp32", "--train_steps", "0"]
     assert main(["--mode", "single", "--save_ref", "--ref", ref, *common]) == 0
     saved = torch.load(ref, weights_only=False)
-    grads = saved["results"]["fp32"]["packed"]["grads"]
+    fp32 = saved["results"]["fp32"]
+    # a reference "trained" 1 step with parameters no run can match: a cp run that trains fails on it
+    zeros = {n: torch.zeros_like(g) for n, g in fp32["dense"]["grads"].items()}
+    torch.save({"results": {"fp32": {**fp32, **{f"train_{opt}": {"losses": [1.0, 1.0], "params": zeros}
+                                                for opt in ("sgd", "adamw")}}}, "train_steps": 1}, trained)
+    grads = fp32["packed"]["grads"]
     name = next(iter(grads))
     grads[name] = grads[name] * (1 + 1e-3)            # a 0.1% gradient error must fail the fp32 check
     torch.save(saved, bad)
-    codes = run_ranks(_cli_rank, 2, args=([["--mode", "cp", "--ref", ref, *common],
-                                           ["--mode", "cp", "--ref", bad, *common]],), timeout=300)
-    assert codes == [[0, 1], [0, 1]]
+    runs = [["--mode", "cp", "--ref", ref, *common],
+            ["--mode", "cp", "--ref", bad, *common],
+            ["--mode", "cp", "--ref", trained, *common],
+            ["--mode", "cp", "--ref", trained, "--dtypes", "fp32", "--train_steps", "2"]]
+    codes = run_ranks(_cli_rank, 2, args=(runs,), timeout=300)
+    assert codes == [[0, 1, 0, 2], [0, 1, 0, 2]]
 
 
 def test_report_fails_on_a_wrong_gradient():
     """The comparison must catch a real error (guards against a check that cannot fail)."""
     g = torch.Generator().manual_seed(0)
-    ref = {c: {"logits": torch.randn(1, 8, 5, generator=g), "loss": 2.0, "grads": {"a.w.x": torch.randn(4, 4, generator=g)}}
-           for c in ("dense", "packed")}
-    good = {c: {"logits": v["logits"].clone(), "loss": 2.0, "grads": {"a.w.x": v["grads"]["a.w.x"].clone()}} for c, v in ref.items()}
+    ref = {c: {"logits": torch.randn(1, 8, 5, generator=g), "loss": 2.0,
+               "grads": {"a.w.x": torch.randn(4, 4, generator=g)}} for c in ("dense", "packed")}
+    good = {c: {"logits": v["logits"].clone(), "loss": 2.0, "grads": {"a.w.x": v["grads"]["a.w.x"].clone()}}
+            for c, v in ref.items()}
     report = Report("identical")
     compare(good, ref, "fp32", report)
     assert report.passed

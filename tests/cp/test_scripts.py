@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,21 @@ def test_jsonl_txt_and_default_corpus(tmp_path):
         Corpus(tmp_path / "nope")
 
 
+def test_jsonl_errors_name_the_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"text": "ok"}\n\n{bad json\n[1, 2]\n{"id": 3}\n')
+    corpus = Corpus(f)
+    assert corpus[0] == "ok"
+    for i, (line, what) in enumerate([(3, "not valid JSON"), (4, "got list"), (5, "no text field")], start=1):
+        with pytest.raises(ValueError, match=f"^{re.escape(str(f))}:{line}: .*{what}"):
+            corpus[i]
+
+
+def test_missing_tokenizer_is_not_a_download_error():
+    with pytest.raises(FileNotFoundError, match="'nonexist_tok': not 'byte' and no such directory"):
+        load_tokenizer("nonexist_tok")
+
+
 def test_local_hf_tokenizer(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     from transformers import PreTrainedTokenizerFast
@@ -139,8 +155,8 @@ def test_metrics_log_roundtrip_and_resume_truncation(tmp_path, suffix):
     for r in rows:
         log.write(r)
     assert read_log(path) == rows                 # floats round-trip exactly
-    MetricsLog(path, resume_step=3)                # a resume at step 3 forgets steps 4, 5
-    assert read_log(path) == rows[:3]
+    resumed = MetricsLog(path, resume_step=3)      # a resume at step 3 forgets steps 4, 5
+    assert read_log(path) == rows[:3] == resumed.kept
     MetricsLog(path)                               # a fresh run starts a fresh file
     assert read_log(path) == []
 
@@ -153,9 +169,19 @@ TRAIN_ARGS = ["--model_config", "tiny", "--seq_len", "96", "--batch_size", "2", 
 
 
 def _train_rank(rank, world_size, runs):
-    """Several train_cp_real.main() runs, one after the other, in one spawned group (imports once)."""
+    """Several train_cp_real.main() runs, one after the other, in one spawned group (imports once):
+    [(exit code, what the run printed)] per run."""
+    import contextlib
+    import io
+
     import train_cp_real
-    return [train_cp_real.main(argv) for argv in runs]
+    results = []
+    for argv in runs:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = train_cp_real.main(argv)
+        results.append((code, out.getvalue()))
+    return results
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -163,15 +189,26 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
-    """CP=2: 6 steps straight == 3 steps, stop, resume to 6 (losses and final weights bit-identical)."""
+    """CP=2: 6 steps straight == 3 steps, stop, resume to 6 (losses and final weights bit-identical).
+    Then what a resume may change (CP layout, CP size vs DP at the same sequences per step), what it
+    refuses (arguments that differ from the checkpoint's) and when it has nothing to do."""
     from _dist import run_ranks
     args = TRAIN_ARGS + ["--cp_size", "2"]
-    full, cut = tmp_path / "full", tmp_path / "cut"
+    full, cut, zigzag, dp2 = (tmp_path / name for name in ("full", "cut", "zigzag", "dp2"))
+    step3 = str(cut / "step_0000003")
     runs = [args + ["--save_dir", str(full)],
             args + ["--save_dir", str(cut), "--stop_at", "3"],
             args + ["--save_dir", str(cut), "--resume"],
-            TRAIN_ARGS + ["--cp_size", "3"]]                     # does not divide the world: exit 2
-    assert run_ranks(_train_rank, 2, args=(runs,), timeout=300) == [[0, 0, 0, 2]] * 2
+            TRAIN_ARGS + ["--cp_size", "3"],                     # does not divide the world: exit 2
+            args + ["--save_dir", str(cut), "--resume", "--optimizer", "sgd", "--seq_len", "64", "--steps", "4",
+                    "--batch_size", "1", "--model_config", "small", "--cp_layout", "zigzag", "--stop_at", "5"],
+            args + ["--save_dir", str(cut), "--resume"],                         # finished: nothing to do
+            args + ["--save_dir", str(cut), "--resume", step3, "--stop_at", "2"],  # past --stop_at: same
+            args + ["--save_dir", str(zigzag), "--resume", step3, "--cp_layout", "zigzag"],
+            TRAIN_ARGS + ["--save_dir", str(dp2), "--resume", step3, "--cp_size", "1", "--batch_size", "1"]]
+    ranks = run_ranks(_train_rank, 2, args=(runs,), timeout=300)
+    assert [[code for code, _ in rank] for rank in ranks] == [[0, 0, 0, 2, 2, 0, 0, 0, 0]] * 2, ranks[0]
+    out = [text for _, text in ranks[0]]
     assert (cut / "step_0000003" / "trainer_state.pt").is_file()
     assert (cut / "latest").read_text().strip() == "step_0000006"
     uninterrupted, resumed = _losses(full), _losses(cut)
@@ -181,6 +218,49 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
     from safetensors.torch import load_file
     a, b = load_file(full / "step_0000006" / "model.safetensors"), load_file(cut / "step_0000006" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the resumed run's summary and time_s continue the whole run's (the log holds steps 1-3)
+    times = [r["time_s"] for r in read_log(cut / "loss.jsonl")]
+    assert times == sorted(times), times
+    assert "mean of the first 1 steps" in out[2] and "(6 steps," in out[2], out[2]
+    # conflicting arguments: every one named with both values, nothing touched
+    for line in ["--optimizer: checkpoint 'adamw', given 'sgd'", "--seq_len: checkpoint 96, given 64",
+                 "--steps: checkpoint 6, given 4", "--model_config: checkpoint 'tiny', given 'small'",
+                 "--batch_size x dp (sequences per step): checkpoint 2 x 1, given 1 x 1"]:
+        assert line in out[4], out[4]
+    assert "cp_layout" not in out[4] and "stop_at" not in out[4]
+    assert "nothing to do" in out[5] and "--steps 6" in out[5] and ": saved " not in out[5]
+    assert "nothing to do" in out[6] and "--stop_at 2" in out[6] and ": saved " not in out[6]
+    assert _losses(cut) == uninterrupted and (cut / "latest").read_text().strip() == "step_0000006"
+    # the command line's CP layout wins over the checkpoint's; CP=2 -> DP=2 keeps the sequences per step
+    assert json.loads((zigzag / "step_0000006" / "config.json").read_text())["cp_layout"] == "zigzag"
+    assert _losses(zigzag) == pytest.approx(uninterrupted[3:], rel=1e-4)
+    assert _losses(dp2) == pytest.approx(uninterrupted[3:], rel=1e-2)    # the DP mean weighs tokens differently
+    assert "mean of the first 1 steps after step 3" in out[7] and "(3 steps," in out[7], out[7]
+    # saved checkpoints end documents where the tokenizer does, so generate() stops there
+    config = json.loads((full / "step_0000006" / "config.json").read_text())
+    generation = json.loads((full / "step_0000006" / "generation_config.json").read_text())
+    assert config["eos_token_id"] == config["bos_token_id"] == generation["eos_token_id"] == 256
+    assert generation["pad_token_id"] == 256 and config.get("pad_token_id") is None
+
+
+def test_train_cli_rejects_a_cp_size_below_one(capsys):
+    import train_cp_real
+    with pytest.raises(SystemExit) as excinfo:
+        train_cp_real.get_args(["--cp_size", "0"])
+    assert excinfo.value.code == 2 and "argument --cp_size: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_model_config_from_a_checkpoint_dir_takes_cp_fields_from_the_caller(tmp_path):
+    """A checkpoint's config.json holds cp_layout: the scripts' own --cp_size / --cp_layout win."""
+    from fla_cp.models import GatedDeltaNetCPConfig
+    from fla_cp.utils.configs import model_config_kwargs
+    GatedDeltaNetCPConfig(**model_config_kwargs("tiny", 257), cp_size=2, cp_layout="zigzag").save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["cp_layout"] == "zigzag"
+    (tmp_path / "cfg.json").write_text(json.dumps({"hidden_size": 96, "cp_size": 4, "cp_layout": "zigzag"}))
+    for spec in (tmp_path, tmp_path / "cfg.json"):
+        config = GatedDeltaNetCPConfig(**model_config_kwargs(str(spec), 257), cp_size=1, cp_layout="contiguous")
+        assert (config.cp_size, config.cp_layout) == (1, "contiguous")
+    assert config.hidden_size == 96
 
 
 def torchrun(script: str, nproc: int, *args, timeout=300, **kw):

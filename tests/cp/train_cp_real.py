@@ -9,6 +9,12 @@ the sequence. The default corpus is this interpreter's standard-library sources,
 tokenizer is byte-level. Gloo on CPU, NCCL when every rank has a GPU of its own: nothing to choose.
 `--save_dir` checkpoints can be resumed with `--resume` (same loss curve as an uninterrupted run);
 Ctrl-C saves a checkpoint at the end of the current step and exits.
+
+A resume continues the checkpoint's run: the arguments that define it (model, tokenizer, data, seed,
+seq_len, sequences per step = batch_size x DP, optimizer and LR schedule, weight decay, clipping)
+must be given as they were, or the script exits (code 2) naming each difference. The CP size and
+layout, --bf16, and where / when to save, log and stop may change. A checkpoint already at --steps
+(or at or past --stop_at) has nothing to do: the script says so and exits 0 without saving.
 """
 from __future__ import annotations
 
@@ -47,12 +53,26 @@ from fla_cp.utils.memory import fmt_bytes, peak_memory_bytes
 from fla_cp.utils.metrics_log import MetricsLog
 
 
+# The arguments that define the run a checkpoint belongs to (besides the batch: `resume_conflicts`).
+# --cp_size / --cp_layout are not among them: CP is exact, so any split continues the same run.
+RUN_ARGS = ("model_config", "tokenizer", "data", "seed", "seq_len", "optimizer", "lr", "min_lr_ratio", "warmup",
+            "steps", "weight_decay", "grad_clip")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cp_size", type=int, default=1, help="ranks per CP group; must divide the world size")
+    p.add_argument("--cp_size", type=positive_int, default=1, help="ranks per CP group; must divide the world size")
     p.add_argument("--cp_layout", default="contiguous", choices=["contiguous", "zigzag"])
-    p.add_argument("--seq_len", type=int, default=1024, help="tokens per packed sequence")
-    p.add_argument("--batch_size", type=int, default=4, help="sequences per step per DP rank (packed in one row)")
+    p.add_argument("--seq_len", type=positive_int, default=1024, help="tokens per packed sequence")
+    p.add_argument("--batch_size", type=positive_int, default=4,
+                   help="sequences per step per DP rank (packed in one row)")
     p.add_argument("--steps", type=int, default=200, help="length of the run (and of the LR schedule)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min_lr_ratio", type=float, default=0.1)
@@ -61,18 +81,23 @@ def get_args(argv=None):
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--grad_clip", type=float, default=1.0, help="0 disables clipping")
     p.add_argument("--model_config", default="small", help=f"{'|'.join(PRESETS)} or a JSON file / config dir")
-    p.add_argument("--data", default=None, help="a local .txt/.jsonl file or directory (default: Python stdlib sources)")
+    p.add_argument("--data", default=None,
+                   help="a local .txt/.jsonl file or directory (default: Python stdlib sources)")
     p.add_argument("--tokenizer", default="byte", help="'byte' or a local Hugging Face tokenizer directory")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_dir", default=None, help="checkpoints go to save_dir/step_XXXXXXX")
     p.add_argument("--save_every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="resume from save_dir's latest checkpoint, or from the given checkpoint dir")
-    p.add_argument("--stop_at", type=int, default=None, help="save and exit after this step, as if interrupted")
+                   help="resume from save_dir's latest checkpoint, or from the given checkpoint dir (the run's "
+                        "arguments must be the checkpoint's; a finished run has nothing to do and exits 0)")
+    p.add_argument("--stop_at", type=int, default=None,
+                   help="save and exit after this step, as if interrupted (resuming a checkpoint at or past it: "
+                        "nothing to do, exit 0)")
     p.add_argument("--log_file", default=None, help=".csv or .jsonl loss log (default: save_dir/loss.jsonl)")
     p.add_argument("--backend", default=None, help="force a torch.distributed backend (default: automatic)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per rank (default: cores / local ranks)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per rank (default: cores / local ranks)")
     return p.parse_args(argv)
 
 
@@ -110,13 +135,39 @@ class StopFlag:
         return bool(flag.item())
 
 
-def build(args, info, mesh, vocab_size, ckpt):
+def resume_conflicts(extra: dict, args, dp_size: int) -> list[str]:
+    """'--name: checkpoint X, given Y' for each run-defining argument that differs from the checkpoint's
+    (`extra`: what `checkpoint()` saved with it; arguments it lacks are not compared)."""
+    saved = extra.get("args", {})
+    conflicts = [f"--{name}: checkpoint {saved[name]!r}, given {getattr(args, name)!r}"
+                 for name in RUN_ARGS if name in saved and saved[name] != getattr(args, name)]
+    # the sequences of a step, not their split over DP ranks, make the run: DP may change with --batch_size
+    saved_dp = extra.get("dp_size", dp_size)
+    if "batch_size" in saved and saved["batch_size"] * saved_dp != args.batch_size * dp_size:
+        conflicts.append(f"--batch_size x dp (sequences per step): checkpoint {saved['batch_size']} x {saved_dp}, "
+                         f"given {args.batch_size} x {dp_size}")
+    return conflicts
+
+
+def set_special_tokens(model, tokenizer) -> None:
+    """The tokenizer's EOS / BOS in the config that checkpoints save, so that generate() stops at the end
+    of a document. The pad token (EOS for the byte tokenizer, which has none) goes to the generation config
+    only: the model config's pad_token_id is the embedding's padding_idx, a zero row that never trains."""
+    for config in (model.config, model.generation_config):
+        config.eos_token_id, config.bos_token_id = tokenizer.eos_token_id, tokenizer.bos_token_id
+    pad = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.eos_token_id if pad is None else pad
+
+
+def build(args, info, mesh, tokenizer, ckpt):
     if ckpt is not None:
-        model = GatedDeltaNetCPForCausalLM.from_pretrained(ckpt, cp_size=args.cp_size, device_mesh=mesh)
+        model = GatedDeltaNetCPForCausalLM.from_pretrained(ckpt, cp_size=args.cp_size, cp_layout=args.cp_layout,
+                                                           device_mesh=mesh)
     else:
-        config = GatedDeltaNetCPConfig(**model_config_kwargs(args.model_config, vocab_size),
+        config = GatedDeltaNetCPConfig(**model_config_kwargs(args.model_config, tokenizer.vocab_size),
                                        cp_size=args.cp_size, cp_layout=args.cp_layout)
         model = GatedDeltaNetCPForCausalLM(config, device_mesh=mesh)
+    set_special_tokens(model, tokenizer)
     model = model.to(device=info.device, dtype=torch.float32)
     for p in model.parameters():        # identical start on every rank, whatever the init RNG did
         dist.broadcast(p.data, src=0)
@@ -148,30 +199,56 @@ def main(argv=None) -> int:
     ckpt = resolve_checkpoint(args.resume, args.save_dir) if args.resume else None
     if args.resume and ckpt is None and info.is_main:
         print(f"--resume: no checkpoint in {args.save_dir} yet, starting from scratch", flush=True)
-    torch.manual_seed(args.seed)
-    model, opt = build(args, info, mesh, tokenizer.vocab_size, ckpt)
     step = 0
     if ckpt is not None:
+        # every rank reads the same checkpoint and arguments, so every rank stops here alike
         state, rng = load_trainer_state(ckpt)
+        step = state["step"]
+        conflicts = resume_conflicts(state["extra"], args, dp_size)
+        if conflicts:
+            if info.is_main:
+                print(f"error: --resume {ckpt}: a resume continues the checkpoint's run, but these arguments differ "
+                      f"from it (give the checkpoint's values, or start a new --save_dir):\n  "
+                      + "\n  ".join(conflicts), file=sys.stderr)
+            cleanup_distributed(info)
+            return 2
+        end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
+        if step >= end:
+            if info.is_main:
+                why = f"--stop_at {args.stop_at}" if end < args.steps else f"the end of the run, --steps {args.steps}"
+                print(f"nothing to do: {ckpt} is at step {step} ({why}); nothing trained or saved", flush=True)
+            cleanup_distributed(info)
+            return 0
+    torch.manual_seed(args.seed)
+    model, opt = build(args, info, mesh, tokenizer, ckpt)
+    if ckpt is not None:
         opt.load_state_dict(state["optimizer"])
         packer.load_state_dict(state["data"])
-        step = state["step"]
         if rng is not None:
             set_rng_state(rng)
-    log_path = args.log_file or (Path(args.save_dir) / "loss.jsonl" if args.save_dir else Path("runs/train_cp_real/loss.jsonl"))
+    log_path = args.log_file or Path(args.save_dir or "runs/train_cp_real") / "loss.jsonl"
     log = MetricsLog(log_path, resume_step=step if ckpt is not None else None, enabled=info.is_main)
+    # after a resume, the summary and time_s continue the whole run's when the log holds all its earlier
+    # steps (rank 0's view); otherwise they cover this run, and the summary says so
+    start_step = step
+    earlier = log.kept if [r["step"] for r in log.kept] == list(range(1, step + 1)) else []
+    losses = [r["loss"] for r in earlier]
+    t_before = earlier[-1].get("time_s", 0.0) if earlier else 0.0
 
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_step = args.seq_len * args.batch_size * dp_size
     if info.is_main:
-        print(f"world {info.world_size} = dp {dp_size} x cp {args.cp_size} | backend {info.backend} | device {info.device}"
-              f" | {n_params / 1e6:.2f}M params | corpus {packer.corpus.name} ({len(packer.corpus)} docs)"
+        print(f"world {info.world_size} = dp {dp_size} x cp {args.cp_size} | backend {info.backend}"
+              f" | device {info.device} | {n_params / 1e6:.2f}M params"
+              f" | corpus {packer.corpus.name} ({len(packer.corpus)} docs)"
               f" | tokenizer {tokenizer.name} | {tokens_per_step} tokens/step"
-              f" ({args.seq_len * args.batch_size // args.cp_size} per rank) | log {log_path}" + (f" | resumed from {ckpt} at step {step}" if ckpt else ""), flush=True)
+              f" ({args.seq_len * args.batch_size // args.cp_size} per rank) | log {log_path}"
+              + (f" | resumed from {ckpt} at step {step}" if ckpt else ""), flush=True)
 
     def checkpoint(reason: str):
         if args.save_dir:
-            path = save_checkpoint(args.save_dir, step, model, opt, packer.state_dict(), extra={"args": vars(args)})
+            path = save_checkpoint(args.save_dir, step, model, opt, packer.state_dict(),
+                                   extra={"args": vars(args), "dp_size": dp_size})
             if info.is_main:
                 print(f"{reason}: saved {path}", flush=True)
 
@@ -179,8 +256,7 @@ def main(argv=None) -> int:
     amp = torch.autocast(info.device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
     bar = tqdm(total=args.steps, initial=step, disable=not info.is_main, dynamic_ncols=True)
     tokens_seen = step * tokens_per_step
-    t_start = time.perf_counter()
-    losses = []
+    t_start = time.perf_counter() - t_before
     while step < args.steps:
         t0 = time.perf_counter()
         lr = lr_at(step, args)
@@ -225,7 +301,8 @@ def main(argv=None) -> int:
         checkpoint(f"finished {step} steps")
     if info.is_main and len(losses) >= 2:
         k = max(1, min(10, len(losses) // 4))
-        print(f"loss: mean of the first {k} steps {sum(losses[:k]) / k:.4f} -> mean of the last {k} steps "
+        first = f"the first {k} steps" + (f" after step {start_step}" if start_step and not earlier else "")
+        print(f"loss: mean of {first} {sum(losses[:k]) / k:.4f} -> mean of the last {k} steps "
               f"{sum(losses[-k:]) / k:.4f} ({len(losses)} steps, {time.perf_counter() - t_start:.0f}s)", flush=True)
     stop.restore()
     cleanup_distributed(info)

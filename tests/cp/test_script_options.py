@@ -1,0 +1,191 @@
+"""Options and failure modes of the command-line scripts, checked without long runs: benchmark_memory.py
+compares and plots only runs measured with the same settings, test_numerical_correctness.py refuses
+what it cannot check, bench_cpu.py fails when the two implementations disagree, and the scripts under
+scripts/ run from a checkout where fla_cp is not installed."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import benchmark_memory as bm                 # tests/cp is on sys.path (conftest.py)
+import test_numerical_correctness as nc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmark_memory.py
+# ----------------------------------------------------------------------------------------------
+def fake_run(cp_size: int, argv: list[str], saved_bytes: int, layout: str = "contiguous", date: str = "2026-01-01"):
+    """A results file's content as main() writes it, for the options `argv`, without measuring."""
+    args = bm.get_args(["--cp_size", str(cp_size), "--cp_layout", layout, *argv])
+    row = {"seq_len": 256, "local_len": 256 // cp_size, "status": "OK", "params": 1000, "model_bytes": 4000,
+           "peak_bytes": 10 * saved_bytes, "step_peak_bytes": 2 * saved_bytes, "saved_bytes": saved_bytes}
+    return {"cp_size": cp_size, "cp_layout": layout, "world_size": cp_size, "model_config": args.model_config,
+            "params": 1000, "dtype": args.dtype, "batch_size": args.batch_size, "device_type": "cpu",
+            "device_name": "CPU test", "settings": bm.run_settings(args, "CPU test"), "date": date, "results": [row]}
+
+
+def save(run: dict, results_dir: Path) -> Path:
+    path = bm.results_path(results_dir, run["device_type"], run["cp_size"], run["cp_layout"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(run))
+    return path
+
+
+def test_benchmark_memory_reduction_only_against_the_same_settings(tmp_path, capsys):
+    """The reduction column needs a cp_size=1 run of the same resolved model (vocab and the content of a
+    JSON config included), dtype and batch; otherwise one note says which settings differ."""
+    tiny = ["--model_config", "tiny"]
+    save(fake_run(1, tiny, 4000), tmp_path)
+    baseline, note = bm.load_baseline(tmp_path, fake_run(2, tiny, 2000))
+    assert baseline is not None and note is None
+    bm.print_table(fake_run(2, tiny, 2000), baseline, note)
+    assert "2.00x act, 2.00x peak" in capsys.readouterr().out
+
+    for other, differs in [(["--vocab_size", "20000"], "model.vocab_size 257 vs 20000"),
+                           (["--dtype", "bf16"], "dtype fp32 vs bf16"),
+                           (["--batch_size", "2"], "batch_size 1 vs 2")]:
+        run = fake_run(2, tiny + other, 2000)
+        baseline, note = bm.load_baseline(tmp_path, run)
+        assert baseline is None and differs in note, note
+        bm.print_table(run, baseline, note)
+        out = capsys.readouterr().out
+        notes = [line for line in out.splitlines() if line.startswith("(")]
+        assert len(notes) == 1 and differs in notes[0] and "x act" not in out, out     # one note, the right one
+
+    # the same JSON file name, edited between the runs
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**bm.model_config_kwargs("tiny", 257), "hidden_size": 64}))
+    save(fake_run(1, ["--model_config", str(config)], 4000), tmp_path)
+    config.write_text(json.dumps({**bm.model_config_kwargs("tiny", 257), "hidden_size": 128}))
+    _, note = bm.load_baseline(tmp_path, fake_run(2, ["--model_config", str(config)], 2000))
+    assert "model.hidden_size 64 vs 128" in note
+
+    old = fake_run(1, tiny, 4000)
+    del old["settings"]                       # saved before settings were recorded
+    save(old, tmp_path)
+    assert "older version" in bm.load_baseline(tmp_path, fake_run(2, tiny, 2000))[1]
+    (tmp_path / "memory_cpu_cp1.json").unlink()
+    assert "no saved cp_size=1 results" in bm.load_baseline(tmp_path, fake_run(2, tiny, 2000))[1]
+
+
+def test_benchmark_memory_layouts_do_not_overwrite_and_plot_keeps_its_peers(tmp_path, capsys):
+    """zigzag and contiguous results live in separate files (cp_size=1's serves both); --plot into a
+    missing folder creates it and draws only the runs with the settings of the latest one."""
+    tiny = ["--model_config", "tiny"]
+    paths = {save(fake_run(1, tiny, 4000), tmp_path), save(fake_run(2, tiny, 2000), tmp_path),
+             save(fake_run(2, tiny, 2100, layout="zigzag"), tmp_path),
+             save(fake_run(4, tiny + ["--vocab_size", "999"], 1000, date="2025-01-01"), tmp_path)}
+    assert len(paths) == 4
+    assert bm.results_path(tmp_path, "cpu", 1, "zigzag") == bm.results_path(tmp_path, "cpu", 1)
+
+    out = tmp_path / "new" / "dir" / "mem.png"
+    plotted = bm.plot(tmp_path, "cpu", str(out), latest=fake_run(2, tiny, 2000))
+    assert out.stat().st_size > 10_000
+    assert [(r["cp_size"], r["cp_layout"]) for r in plotted] == [(1, "contiguous"), (2, "contiguous"), (2, "zigzag")]
+    (left_out,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("left out of the plot")]
+    assert left_out.endswith(": memory_cpu_cp4.json"), left_out
+
+    # --plot alone: the newest saved run (by its date) picks the peers
+    save(fake_run(4, tiny + ["--vocab_size", "999"], 1000, date="2027-01-01"), tmp_path)
+    plotted = bm.plot(tmp_path, "cpu", str(out))
+    assert [r["cp_size"] for r in plotted] == [4]
+
+
+def test_benchmark_memory_warmup_is_the_same_share_for_every_cp_size():
+    """The warm-up step is the same fraction of each rank's measured tokens whatever cp_size, and never
+    the whole measured length (it used to be 64 tokens per rank: all of a 101-token sequence on 3 ranks)."""
+    for seq_len in (101, 256, 4096):
+        for cp in (1, 2, 3, 4):
+            local = -(-seq_len // cp)
+            warm = bm.warmup_len(seq_len, cp)
+            assert warm % cp == 0 and warm // cp >= 2
+            assert warm // cp == max(2, local // bm.WARMUP_DIV), (seq_len, cp, warm)
+            assert warm < seq_len
+
+
+# ----------------------------------------------------------------------------------------------
+# test_numerical_correctness.py as a command
+# ----------------------------------------------------------------------------------------------
+def test_numerical_cli_refuses_what_it_cannot_check(tmp_path, monkeypatch, capsys):
+    # fp16 has no bounds and no reference: refused when parsing, not labelled fp32 results or a KeyError
+    with pytest.raises(SystemExit) as e:
+        nc.get_args(["--mode", "single", "--dtypes", "fp32,fp16", "--save_ref"])
+    assert e.value.code == 2 and "unsupported ['fp16']" in capsys.readouterr().err
+    # cp mode in one process would compare cp_size=1 with itself and pass
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert nc.main(["--mode", "cp", "--ref", str(tmp_path / "ref.pt")]) == 2
+    assert "needs at least 2 ranks" in capsys.readouterr().err
+    # the training count of a cp run: the reference's, or 0 to skip
+    assert [nc.cp_train_steps(k, 3) for k in (None, 3, 0)] == [3, 3, 0]
+    with pytest.raises(ValueError, match="the reference has 3 training steps"):
+        nc.cp_train_steps(2, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# scripts/bench_cpu.py
+# ----------------------------------------------------------------------------------------------
+def test_bench_cpu_fails_when_the_outputs_disagree(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / "scripts" / "bench_cpu.py")
+    bench_cpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_cpu)
+    tiny = ["--T", "64", "--H", "1", "--K", "16", "--V", "16", "--repeats", "1"]
+    assert bench_cpu.main(tiny) == 0
+    theirs = bench_cpu.theirs
+    monkeypatch.setattr(bench_cpu, "theirs", lambda *xs: theirs(*xs) * 1.001)    # 0.1% off
+    assert bench_cpu.main(tiny) == 1
+    assert "FAIL: the outputs disagree" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# scripts/*.py from a checkout, and their option checks
+# ----------------------------------------------------------------------------------------------
+# Loads each script as `python scripts/X.py` would (not as __main__), checks that fla_cp is then
+# importable, and calls its main() with bad options. Before each script the checkout leaves sys.path
+# and fla_cp leaves sys.modules, so every script has to find the package by itself.
+DRIVER = r"""
+import contextlib, importlib, io, json, runpy, sys
+root, runs = sys.argv[1], json.loads(sys.argv[2])
+out = []
+for script, argv in runs:
+    sys.path[:] = [p for p in sys.path if p != root]
+    for name in [m for m in sys.modules if m.split(".")[0] == "fla_cp"]:
+        del sys.modules[name]
+    ns = runpy.run_path(f"{root}/scripts/{script}")
+    importlib.import_module("fla_cp.ops")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = ns["main"](argv)
+        except SystemExit as e:
+            code = e.code
+    out.append([script, code, err.getvalue()])
+print(json.dumps(out))
+"""
+
+
+def test_scripts_run_from_a_checkout_and_check_their_options(tmp_path):
+    """`python -S` with only site-packages on the path: the editable install's .pth is not read, so
+    fla_cp is importable only through the scripts' own sys.path line (a plain clone). Bad options
+    end in a usage error (exit 2), not a KeyError or StatisticsError."""
+    paths = [*site.getsitepackages(), site.getusersitepackages()]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if os.path.isdir(p))
+    runs = [("bench_cpu.py", ["--repeats", "0"]), ("kernel_resources.py", ["--shapes", "main,bogus"]),
+            ("kernel_resources.py", ["--dtypes", "fp16"]), ("bench_op.py", ["--P", "0"])]
+    proc = subprocess.run([sys.executable, "-S", "-c", DRIVER, str(ROOT), json.dumps(runs)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = ["must be >= 1, got 0", "unknown ['bogus'] (choose from main, fla, small)",
+                "unknown ['fp16'] (choose from bf16, fp32)", "T and P must be >= 1"]
+    for (script, code, err), message in zip(results, expected):
+        assert code == 2 and message in err, (script, code, err)
