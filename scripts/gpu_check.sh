@@ -4,7 +4,7 @@
 # per call, so a session runs them as separate calls (or all at once where no such limit applies):
 #
 #   scripts/gpu_check.sh op        # 1-3 below: op correctness, fp32 and bf16     (step limits 5.5 min)
-#   scripts/gpu_check.sh model     # 4: numerical check, training, memory on CUDA (step limits 8 min)
+#   scripts/gpu_check.sh model     # 4: numerical check, FLA loss kernels, training, memory on CUDA (step limits 9 min)
 #   scripts/gpu_check.sh bench     # 5: scripts/bench_op.py                       (limit 9 min)
 #   scripts/gpu_check.sh           # all three
 #   BENCH_ARGS="--T 32768 --P 4 --shapes main" scripts/gpu_check.sh bench
@@ -23,7 +23,8 @@
 #    Steps 2-3 run untuned (FLA_CP_AUTOTUNE=0, which also prunes FLA's autotuners to their first
 #    config): tuning every kernel for every test shape would compile for minutes on a fresh machine.
 # 4. The model on CUDA with 2 gloo ranks on the one GPU (scripts/run_cp_tests.sh's steps): the
-#    numerical check (CP vs one device, fp32 with IEEE dots and bf16), 20 training steps in bf16, and
+#    numerical check (CP vs one device, fp32 with IEEE dots and bf16), FLA's fused loss kernels vs
+#    torch's cross-entropy (one process), 20 training steps in bf16, and
 #    per-rank peak memory at cp_size 1 and 2; untuned too (memory does not depend on the config).
 # 5. scripts/bench_op.py: the per-rank cost table (BENCH_ARGS passed through), autotuned.
 # Every step has a time limit; the summary at the end says what passed.
@@ -102,6 +103,7 @@ if wants model; then
       --mode single --save_ref --ref "$OUT/reference.pt" --train_steps 3
   run model_cp2 100 env TRITON_F32_DEFAULT=ieee $TORCHRUN tests/cp/test_numerical_correctness.py \
       --mode cp --cp_size 2 --ref "$OUT/reference.pt"
+  run model_loss 60 $PY -m pytest -q tests/cp/test_model_cp.py -k fla_loss_kernels_on_cuda -p no:cacheprovider
   run train_cp2 100 $TORCHRUN tests/cp/train_cp_real.py --cp_size 2 --steps 20 --warmup 2 --seq_len 8192 \
       --batch_size 2 --bf16 --save_dir "$(mktemp -d)"
   run memory_cp1 90 $PY tests/cp/benchmark_memory.py --cp_size 1 --seq_lens 8192,32768 \

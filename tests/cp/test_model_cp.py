@@ -78,6 +78,39 @@ def expect_error(fn, match):
     raise AssertionError(f"no error raised (expected {match!r})")
 
 
+def pretend_fla_loss_kernels(setattr_=setattr) -> list[str]:
+    """Route the model's CUDA-only FLA loss kernels to torch stand-ins with the same interface and
+    reduction (FLA's own kernels are tested by FLA; this checks what the model does around them).
+    Returns the list the stand-ins append their names to when called."""
+    import fla_cp.models.gated_deltanet_cp.modeling_gated_deltanet_cp as modeling
+    calls = []
+
+    class LinearCE(torch.nn.Module):
+        def __init__(self, ignore_index=-100, reduction="mean"):
+            super().__init__()
+            self.ignore_index, self.reduction = ignore_index, reduction
+
+        def forward(self, x, target, weight, bias=None):
+            calls.append("linear")
+            logits = torch.nn.functional.linear(x, weight, bias).flatten(0, -2).float()
+            return torch.nn.functional.cross_entropy(logits, target.flatten(), ignore_index=self.ignore_index,
+                                                     reduction=self.reduction)
+
+    class CE(LinearCE):
+        def __init__(self, ignore_index=-100, reduction="mean", inplace_backward=False):
+            super().__init__(ignore_index, reduction)
+
+        def forward(self, logits, target):
+            calls.append("fused")
+            return torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=self.ignore_index,
+                                                     reduction=self.reduction)
+
+    setattr_(modeling, "_fla_loss_kernels_run_on", lambda device: True)
+    setattr_(modeling, "FusedLinearCrossEntropyLoss", LinearCE)
+    setattr_(modeling, "FusedCrossEntropyLoss", CE)
+    return calls
+
+
 # ------------------------------------------------------------------------------------ multi-rank
 def _worker_cp2(rank, world, state):
     from fla_cp.models import sync_gradients
@@ -111,6 +144,17 @@ def _worker_cp2(rank, world, state):
         sync_gradients(model)
         res[("checkpointed", name)] = (loss, logits, {n: p.grad.clone() for n, p in model.named_parameters()})
     res["checkpointed forwards"] = len(calls)
+    # the config's FLA loss kernels (CUDA; stand-ins here): the fused linear loss forms no local logits
+    loss_calls = pretend_fla_loss_kernels()
+    for fuse_linear in (False, True):
+        model = make_model(cp_size=2, fuse_cross_entropy=not fuse_linear, fuse_linear_cross_entropy=fuse_linear)
+        model.load_state_dict(state)
+        loss, logits, _ = run_case(model, "packed", b)
+        sync_gradients(model)
+        res[("fla loss", fuse_linear)] = (loss, logits, {n: p.grad.clone() for n, p in model.named_parameters()})
+        res[("fla loss logits", fuse_linear)] = model(input_ids=b["packed"], labels=b["packed"],
+                                                      cu_seqlens=b["cu"]).logits
+    res["fla loss calls"] = loss_calls
     # greedy generation with CP prefill; sampling draws from rank 0's random stream on every rank
     model.eval()
     with torch.no_grad():
@@ -210,6 +254,10 @@ def test_model_cp2_matches_cp1(reference):
         assert torch.equal(res["generate"], gen), f"rank {rank}: {res['generate']} vs {gen}"
         for name in ("dense", "packed"):
             compare(res[("checkpointed", name)], refs[name], f"cp=2 rank {rank} gradient checkpointing {name}")
+        for fuse_linear in (False, True):
+            compare(res[("fla loss", fuse_linear)], refs["packed"], f"cp=2 rank {rank} FLA loss, linear={fuse_linear}")
+        assert res[("fla loss logits", False)].shape[1] == 15 and res[("fla loss logits", True)] is None
+        assert res["fla loss calls"] == ["fused"] * 2 + ["linear"] * 2, res["fla loss calls"]
         # 2 batches x (forward + recompute in backward) x 1 first layer
         assert res["checkpointed forwards"] == 4, res["checkpointed forwards"]
         # seeded differently, every rank sampled what one process seeded like rank 0 samples
@@ -323,3 +371,24 @@ def test_packed_list_cu_seqlens_and_one_projection():
     got = model(input_ids=b["packed"], labels=b["packed"], cu_seqlens=b["cu"].tolist())
     assert calls == [1, 1]
     assert torch.equal(got.loss, ref.loss) and torch.equal(got.logits, ref.logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FLA's loss kernels need CUDA")
+def test_fla_loss_kernels_on_cuda():
+    """With FLA's real fused loss kernels (CUDA): the same loss and gradients as torch's cross-entropy."""
+    b = batches()
+    ids, cu = b["packed"].cuda(), b["cu"].cuda()
+    results = {}
+    for name, cfg in {"torch": dict(fuse_cross_entropy=False), "fused": dict(fuse_cross_entropy=True),
+                      "linear": dict(fuse_cross_entropy=False, fuse_linear_cross_entropy=True)}.items():
+        model = make_model(**cfg).cuda()
+        out = model(input_ids=ids, labels=ids, cu_seqlens=cu)
+        out.loss.backward()
+        results[name] = (out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        assert (out.logits is None) == (name == "linear")
+    ref_loss, ref_grads = results["torch"]
+    for name in ("fused", "linear"):
+        loss, grads = results[name]
+        assert rel_err(loss, ref_loss) <= 1e-4, f"{name}: loss {loss} vs {ref_loss}"
+        for n, g in ref_grads.items():
+            assert rel_err(grads[n], g) <= 1e-4, f"{name}: grad of {n} {rel_err(grads[n], g):.2e}"

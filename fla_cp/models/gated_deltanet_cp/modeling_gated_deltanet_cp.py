@@ -51,6 +51,11 @@ The backward of that all-reduce is the identity, so each rank's parameter gradie
 contribution of its tokens; their sum over the CP group is the single-device gradient. As with FLA,
 the loss is NaN when every label is -100 (unless `num_items_in_batch` is given), and
 `config.use_l2warp=True` adds FLA's `l2_warp` logit penalty (exactly: each rank applies it to its tokens).
+The token losses use FLA's kernels as the config asks, on CUDA: `fuse_cross_entropy` (fused
+cross-entropy, backward in place into the logits) or `fuse_linear_cross_entropy` (fused linear +
+cross-entropy: the local logits are never formed and `out.logits` is None unless `gather_logits`; with
+`use_l2warp` the plain path runs, so that the penalty keeps its global scale); torch's cross-entropy
+elsewhere.
 
 Checks: with cp_size > 1 every forward (prefill or decode) starts with one tiny all_gather over the CP
 group that compares what the ranks are about to do (decode vs prefill and cache length, split, batch,
@@ -91,7 +96,7 @@ from fla.models.cache_utils import Cache
 from fla.models.gated_deltanet.modeling_gated_deltanet import GatedDeltaNetPreTrainedModel
 from fla.models.generation_utils import FLAUnsupportedCacheGenerationMixin
 from fla.models.modeling_utils import FLAForCausalLM, get_attention
-from fla.modules import GatedMLP, RMSNorm
+from fla.modules import FusedCrossEntropyLoss, FusedLinearCrossEntropyLoss, GatedMLP, RMSNorm
 from fla.modules.l2warp import l2_warp
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from transformers.configuration_utils import PreTrainedConfig
@@ -170,6 +175,11 @@ def shift_labels_globally(labels: torch.Tensor, cu_seqlens: torch.Tensor | None 
         ends = torch.as_tensor(cu_seqlens, device=labels.device)[1:].long() - 1
         out[:, ends] = IGNORE_INDEX
     return out
+
+
+def _fla_loss_kernels_run_on(device: torch.device) -> bool:
+    """FLA's fused loss kernels are Triton kernels for CUDA (they refuse CPU tensors)."""
+    return device.type == "cuda"
 
 
 class _AllReduceIdentityBackward(torch.autograd.Function):
@@ -556,16 +566,22 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
         # a decode step after a CP prefill runs in full on every CP rank: its gradients are replicated
         replicated = self.cp_size > 1 and cp is None
 
-        loss, logits = None, None
+        loss, logits, fused_linear = None, None, False
         if labels is not None or shift_labels is not None:
             if shift_labels is None:
                 shift_labels = labels if inputs_are_sharded else shift_labels_globally(labels, cu_seqlens)
             if cp is not None and not inputs_are_sharded:
                 shift_labels = cp.shard(shift_labels, dim=1)
-            logits = self.lm_head(hidden_states)
-            if replicated:
-                _replicated_grad(logits, self.cp_size)
-            loss = self._loss(logits, shift_labels.to(hidden_states.device), cp, num_items_in_batch)
+            # FLA's fused linear + cross-entropy never forms the [T, V] logits (and returns none, as FLA);
+            # with use_l2warp its penalty would be scaled by the loss's global mean, so the plain path runs
+            fused_linear = (self.config.fuse_linear_cross_entropy and not self.config.use_l2warp
+                            and not replicated and _fla_loss_kernels_run_on(hidden_states.device))
+            if not fused_linear:
+                logits = self.lm_head(hidden_states)
+                if replicated:
+                    _replicated_grad(logits, self.cp_size)
+            loss = self._loss(logits, shift_labels.to(hidden_states.device), cp, num_items_in_batch,
+                              hidden_states=hidden_states)
 
         if cp is not None and gathers:
             # generation wants the last positions, which live on the last rank: gather hidden states
@@ -575,7 +591,8 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
             # loss counts once (lm_head, applied on every rank, gets 1/P of its gradient per rank too).
             hidden_states = cp.unshard(hidden_states, dim=1)
             replicated, logits = True, None
-        if logits is None:      # else the loss's logits are the ones to return (no second projection)
+        if logits is None and not (fused_linear and not gathers):
+            # (else the loss's logits are the ones to return: no second projection)
             if loss is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
                 hidden_states = hidden_states[:, -logits_to_keep:]
             elif loss is None and torch.is_tensor(logits_to_keep):
@@ -654,15 +671,29 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
             fields["labels content"] = [code]
         return fields, None
 
-    def _loss(self, logits, shift_labels, cp, num_items_in_batch):
+    def _token_loss_sum(self, logits, shift_labels, hidden_states) -> torch.Tensor:
+        """Sum of this rank's token losses (fp32), with the loss kernels the config asks for where they
+        run (FLA's, on CUDA) and torch's cross-entropy elsewhere (the same value):
+            logits None              FLA's fused linear + cross-entropy on `hidden_states` and lm_head
+            config.fuse_cross_entropy FLA's fused cross-entropy; as in FLA, its backward overwrites the
+                                     logits with their gradient (inplace_backward)"""
+        if logits is None:
+            return FusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")(
+                hidden_states, shift_labels, self.lm_head.weight, self.lm_head.bias)
+        if self.config.fuse_cross_entropy and _fla_loss_kernels_run_on(logits.device):
+            return FusedCrossEntropyLoss(ignore_index=IGNORE_INDEX, inplace_backward=True, reduction="sum")(
+                logits.flatten(0, -2), shift_labels.flatten()).float()
+        return F.cross_entropy(logits.flatten(0, -2).float(), shift_labels.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction='sum')
+
+    def _loss(self, logits, shift_labels, cp, num_items_in_batch, hidden_states=None):
         """Global token-mean cross-entropy (or global sum / num_items_in_batch), same on all CP ranks.
 
         As FLA's: NaN when every label is -100 (torch's mean of nothing), and with `config.use_l2warp`
         FLA's `l2_warp` (a gradient on every position's max logit, scaled by 1/(B*T) of the global
         batch): each rank applies it to its own tokens, so the ranks' partial gradients sum to FLA's.
         """
-        loss_sum = F.cross_entropy(logits.flatten(0, -2).float(), shift_labels.flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction='sum')
+        loss_sum = self._token_loss_sum(logits, shift_labels, hidden_states)
         count = (shift_labels != IGNORE_INDEX).sum().to(loss_sum)
         stats = torch.stack([loss_sum, count])
         if cp is not None and cp.world_size > 1:
