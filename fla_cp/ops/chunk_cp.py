@@ -184,9 +184,11 @@ def _local_summaries(plan: _Plan, slot_segment, compute, shape, device) -> torch
 
 def _autocast_off(fn):
     """Run `fn` with autocast off on every device type: the local compute keeps its own precision (fp32
-    chunk math and states, as FLA's Triton kernels, which autocast never reaches), so a bf16-autocast
-    run computes the same thing with and without CP (autocast would round the torch backend's matmuls,
-    its fold and the saved incoming state to bf16, differently from the single-device path)."""
+    chunk math and states, as FLA's Triton kernels, which autocast never reaches), so under bf16
+    autocast this op computes the same thing with and without CP (autocast would round the torch
+    backend's matmuls, its fold and the saved incoming state to bf16, differently from the
+    single-device path). Around it, a model's bf16 sums still round differently at rank boundaries
+    (e.g. the conv halo's gradient adds two bf16 partial sums): bf16-level, not bit-identical."""
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         with contextlib.ExitStack() as stack:

@@ -2,8 +2,9 @@
 
 A preset is a dict of GatedDeltaNetConfig fields; `<path>` is a JSON file of such fields or a
 directory with a `config.json` (e.g. a checkpoint). FLA's fused Triton norm / SwiGLU / cross-entropy
-are switched off so the same config runs on CPU; `vocab_size` always comes from the tokenizer, and
-the CP launch choices (`cp_size`, `cp_layout`) from the command line, never from the file.
+are switched off so the same config runs on CPU; `vocab_size` and the special token ids always come
+from the tokenizer, and the CP launch choices (`cp_size`, `cp_layout`) from the command line, never
+from the file. `resolved_model_config` is the full config a spec stands for, to compare two specs.
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ PRESETS: dict[str, dict] = {
 # The scripts pass these to the config themselves (--cp_size, --cp_layout): a checkpoint's config.json
 # holds cp_layout, and a second value for it would be a TypeError, or would silently override the flag.
 LAUNCH_FIELDS = ("cp_size", "cp_layout")
+# The tokenizer in use decides these, as it decides vocab_size: a file's pad_token_id would become the
+# embedding's padding_idx (out of range, or a byte whose row never trains).
+TOKENIZER_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
 CPU_SAFE = {"fuse_norm": False, "fuse_swiglu": False, "fuse_cross_entropy": False,
             "fuse_linear_cross_entropy": False, "use_cache": False}
@@ -42,9 +46,20 @@ def model_config_kwargs(spec: str, vocab_size: int, **overrides) -> dict:
             raise FileNotFoundError(f"--model_config {spec!r}: not a preset ({', '.join(PRESETS)}) nor a JSON file")
         fields = json.loads(path.read_text())
         for key in ("architectures", "model_type", "transformers_version", "auto_map", "dtype", "torch_dtype",
-                    *LAUNCH_FIELDS):
+                    *LAUNCH_FIELDS, *TOKENIZER_FIELDS):
             fields.pop(key, None)
     fields.update(CPU_SAFE)
     fields["vocab_size"] = vocab_size
     fields.update(overrides)
     return fields
+
+
+def resolved_model_config(spec: str, vocab_size: int) -> dict:
+    """Every field of the config `spec` builds (defaults filled in), without the launch choices and
+    version stamps: equal for two specs exactly when they describe the same model (a preset and a
+    checkpoint saved from it, a JSON file listing the preset's fields)."""
+    from fla_cp.models import GatedDeltaNetCPConfig
+    fields = GatedDeltaNetCPConfig(**model_config_kwargs(spec, vocab_size)).to_dict()
+    for key in (*LAUNCH_FIELDS, "transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype"):
+        fields.pop(key, None)
+    return json.loads(json.dumps(fields))        # as it reads back from JSON

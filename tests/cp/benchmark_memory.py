@@ -39,7 +39,7 @@ from fla_cp.utils.dist import (
     free_port,
     init_distributed,
 )
-from fla_cp.utils.configs import model_config_kwargs
+from fla_cp.utils.configs import model_config_kwargs, resolved_model_config
 from fla_cp.utils.memory import fmt_bytes
 
 DEFAULT_SEQ_LENS = "1024,2048,4096,8192,16384"
@@ -215,8 +215,8 @@ def results_path(results_dir, device_type: str, cp_size: int, layout: str = "con
 def run_settings(args, device_name: str) -> dict:
     """Everything but cp_size and layout that the numbers depend on: runs are compared (and plotted
     together) only when these match. The model is the resolved config, so two JSON files with the same
-    name, or a preset with another vocab, do not pass for each other."""
-    settings = {"model": model_config_kwargs(args.model_config, args.vocab_size), "dtype": args.dtype,
+    name, or a preset with another vocab, do not pass for each other, and a preset and a checkpoint of it do."""
+    settings = {"model": resolved_model_config(args.model_config, args.vocab_size), "dtype": args.dtype,
                 "batch_size": args.batch_size, "device": device_name, "warmup_div": WARMUP_DIV}
     return json.loads(json.dumps(settings))       # as it will read back from the results file
 

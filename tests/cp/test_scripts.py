@@ -224,7 +224,7 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
     assert "mean of the first 1 steps" in out[2] and "(6 steps," in out[2], out[2]
     # conflicting arguments: every one named with both values, nothing touched
     for line in ["--optimizer: checkpoint 'adamw', given 'sgd'", "--seq_len: checkpoint 96, given 64",
-                 "--steps: checkpoint 6, given 4", "--model_config: checkpoint 'tiny', given 'small'",
+                 "--steps: checkpoint 6, given 4", "--model_config: checkpoint 'tiny' ({head_dim: 32",
                  "--batch_size x dp (sequences per step): checkpoint 2 x 1, given 1 x 1"]:
         assert line in out[4], out[4]
     assert "cp_layout" not in out[4] and "stop_at" not in out[4]
@@ -361,3 +361,39 @@ def test_gpu_check_groups_and_no_gpu(tmp_path):
     assert bad.returncode == 2 and "unknown group 'benchmark'" in bad.stdout
     run = subprocess.run(["bash", script, "op"], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "no CUDA device" in run.stdout, run.stdout + run.stderr
+
+
+def test_resume_compares_what_model_tokenizer_and_data_stand_for(tmp_path):
+    """--data / --model_config are compared by content on resume: the same corpus or model spelled
+    another way resumes; another corpus under the same name, or another model, is refused."""
+    import argparse
+
+    import train_cp_real
+    from fla_cp.models import GatedDeltaNetCPConfig
+    from fla_cp.utils.configs import model_config_kwargs
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "notes.txt").write_text("one document " * 20)
+    (tmp_path / "b" / "notes.txt").write_text("another, longer document " * 20)
+    GatedDeltaNetCPConfig(**model_config_kwargs("tiny", 257), pad_token_id=3).save_pretrained(tmp_path / "ckpt")
+    tok = ByteTokenizer()
+
+    def identity(data, model_config="tiny"):
+        args = argparse.Namespace(data=str(data), model_config=model_config)
+        return args, train_cp_real.run_identity(args, tok, Corpus(args.data))
+
+    saved_args, saved = identity(tmp_path / "a" / "notes.txt")
+    extra = {"args": {**vars(saved_args), "tokenizer": "byte"}, "dp_size": 1, "identity": saved}
+
+    def conflicts(data, model_config="tiny"):
+        args, ident = identity(data, model_config)
+        args = argparse.Namespace(**{**extra["args"], **vars(args)})
+        return train_cp_real.resume_conflicts(extra, args, 1, ident)
+
+    assert "pad_token_id" not in model_config_kwargs(str(tmp_path / "ckpt"), 257)   # the tokenizer decides
+    assert conflicts(tmp_path / "b" / ".." / "a" / "notes.txt") == []          # same file, other spelling
+    assert conflicts(tmp_path / "a" / "notes.txt", str(tmp_path / "ckpt")) == []   # tiny, saved as a checkpoint
+    (msg,) = conflicts(tmp_path / "b" / "notes.txt")
+    assert msg.startswith("--data:") and "1 documents, 260 bytes" in msg and "500 bytes" in msg, msg
+    (msg,) = conflicts(tmp_path / "a" / "notes.txt", "small")
+    assert msg.startswith("--model_config:") and "hidden_size: 64" in msg and "hidden_size: 256" in msg, msg

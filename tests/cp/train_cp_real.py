@@ -47,7 +47,7 @@ from fla_cp.utils.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from fla_cp.utils.configs import PRESETS, model_config_kwargs
+from fla_cp.utils.configs import PRESETS, model_config_kwargs, resolved_model_config
 from fla_cp.utils.dist import cleanup_distributed, init_distributed
 from fla_cp.utils.memory import fmt_bytes, peak_memory_bytes
 from fla_cp.utils.metrics_log import MetricsLog
@@ -135,12 +135,40 @@ class StopFlag:
         return bool(flag.item())
 
 
-def resume_conflicts(extra: dict, args, dp_size: int) -> list[str]:
+def run_identity(args, tokenizer, corpus) -> dict:
+    """What --model_config, --tokenizer and --data stand for, compared on resume instead of their
+    spelling: the resolved model config, the tokenizer's sizes and special ids, and the corpus's
+    document count and bytes (the same file named another way passes; another file of the same name
+    does not; an edit that keeps both counts would)."""
+    files = {path for path, _ in corpus.entries}
+    return {"model_config": resolved_model_config(args.model_config, tokenizer.vocab_size),
+            "tokenizer": [type(tokenizer).__name__, tokenizer.vocab_size, tokenizer.eos_token_id,
+                          tokenizer.bos_token_id],
+            "data": [len(corpus), sum(f.stat().st_size for f in files)]}
+
+
+def _shown_identity(name: str, value, other) -> str:
+    if name == "model_config":      # the fields that differ, not the whole config
+        keys = [k for k in sorted(set(value) | set(other)) if value.get(k) != other.get(k)]
+        return "{" + ", ".join(f"{k}: {value.get(k)!r}" for k in keys[:4]) + (", ..." if len(keys) > 4 else "") + "}"
+    if name == "data":
+        return f"{value[0]:,} documents, {value[1]:,} bytes"
+    return repr(value)
+
+
+def resume_conflicts(extra: dict, args, dp_size: int, identity: dict) -> list[str]:
     """'--name: checkpoint X, given Y' for each run-defining argument that differs from the checkpoint's
-    (`extra`: what `checkpoint()` saved with it; arguments it lacks are not compared)."""
-    saved = extra.get("args", {})
+    (`extra`: what `checkpoint()` saved with it; arguments it lacks are not compared). Model, tokenizer
+    and data are compared by `run_identity` (by spelling for checkpoints saved before it)."""
+    saved, saved_identity = extra.get("args", {}), extra.get("identity", {})
     conflicts = [f"--{name}: checkpoint {saved[name]!r}, given {getattr(args, name)!r}"
-                 for name in RUN_ARGS if name in saved and saved[name] != getattr(args, name)]
+                 for name in RUN_ARGS if name in saved and name not in saved_identity
+                 and saved[name] != getattr(args, name)]
+    for name, value in identity.items():
+        if name in saved_identity and saved_identity[name] != value:
+            conflicts.append(f"--{name}: checkpoint {saved.get(name)!r} "
+                             f"({_shown_identity(name, saved_identity[name], value)}), given "
+                             f"{getattr(args, name)!r} ({_shown_identity(name, value, saved_identity[name])})")
     # the sequences of a step, not their split over DP ranks, make the run: DP may change with --batch_size
     saved_dp = extra.get("dp_size", dp_size)
     if "batch_size" in saved and saved["batch_size"] * saved_dp != args.batch_size * dp_size:
@@ -196,6 +224,7 @@ def main(argv=None) -> int:
 
     tokenizer = load_tokenizer(args.tokenizer)
     packer = Packer(Corpus(args.data), tokenizer, args.seq_len, seed=args.seed)
+    identity = run_identity(args, tokenizer, packer.corpus)
     ckpt = resolve_checkpoint(args.resume, args.save_dir) if args.resume else None
     if args.resume and ckpt is None and info.is_main:
         print(f"--resume: no checkpoint in {args.save_dir} yet, starting from scratch", flush=True)
@@ -204,7 +233,7 @@ def main(argv=None) -> int:
         # every rank reads the same checkpoint and arguments, so every rank stops here alike
         state, rng = load_trainer_state(ckpt)
         step = state["step"]
-        conflicts = resume_conflicts(state["extra"], args, dp_size)
+        conflicts = resume_conflicts(state["extra"], args, dp_size, identity)
         if conflicts:
             if info.is_main:
                 print(f"error: --resume {ckpt}: a resume continues the checkpoint's run, but these arguments differ "
@@ -248,7 +277,7 @@ def main(argv=None) -> int:
     def checkpoint(reason: str):
         if args.save_dir:
             path = save_checkpoint(args.save_dir, step, model, opt, packer.state_dict(),
-                                   extra={"args": vars(args), "dp_size": dp_size})
+                                   extra={"args": vars(args), "dp_size": dp_size, "identity": identity})
             if info.is_main:
                 print(f"{reason}: saved {path}", flush=True)
 

@@ -362,6 +362,13 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
         if use_cache and not isinstance(past_key_values, Cache):
             past_key_values = Cache.from_legacy_cache(past_key_values)
 
+        if cu_seqlens is not None and not torch.is_tensor(cu_seqlens):
+            # a list of ints (as build_cp_context takes), for every block, attention ones included
+            try:
+                cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.long,
+                                          device=(input_ids if input_ids is not None else inputs_embeds).device)
+            except (TypeError, ValueError, RuntimeError, OverflowError):
+                pass    # left as given: the split's checks report it (on every CP rank, not just this one)
         # No collective before the check below: an error found on one rank must reach every rank.
         cp, error = self._cp_context_for(input_ids, inputs_embeds, cu_seqlens, past_key_values,
                                          inputs_are_sharded, cp_context)
