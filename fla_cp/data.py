@@ -1,7 +1,7 @@
 """Real text for training without downloads: a corpus of documents, a tokenizer, and a packer.
 
     corpus = Corpus(None)                    # the Python standard library's .py sources
-    corpus = Corpus("notes.jsonl")           # or a local .txt / .jsonl file, or a directory of them
+    corpus = Corpus("notes.jsonl")           # or a local file, or a directory of .txt/.md/.py/.rst/.jsonl
     tok = load_tokenizer("byte")             # bytes 0..255 + EOS; or a local HF tokenizer directory
     packer = Packer(corpus, tok, seq_len=1024, seed=0)
     batch = packer.next_batch(4)             # PackedBatch: input_ids [1, 4*1024], labels, cu_seqlens
@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")      # a whole file is one document
+DATA_SUFFIXES = TEXT_SUFFIXES + (".jsonl",)         # what Corpus reads from a directory (a .jsonl line is one)
 
 
 def stdlib_sources() -> list[Path]:
@@ -53,7 +54,7 @@ class Corpus:
             if not path.exists():
                 raise FileNotFoundError(f"--data {path} does not exist")
             if path.is_dir():
-                files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES + (".jsonl",))
+                files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in DATA_SUFFIXES)
             else:
                 files = [path]
             self.name = str(path)
@@ -69,7 +70,7 @@ class Corpus:
             else:
                 self.entries.append((f, -1))
         if not self.entries:
-            raise ValueError(f"no documents found in {data!r} (looked for {TEXT_SUFFIXES} and .jsonl)")
+            raise ValueError(f"--data {data}: no documents found (looked for {', '.join(DATA_SUFFIXES)} files)")
 
     def __len__(self) -> int:
         return len(self.entries)

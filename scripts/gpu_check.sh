@@ -43,6 +43,7 @@ done
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node=2"
 
+source scripts/_summary.sh   # summary_table
 declare -a NAMES STATUS TIMES
 run() {  # run NAME LIMIT_S CMD...
   local name=$1 limit=$2; shift 2
@@ -119,13 +120,7 @@ if wants bench; then
   run bench_op 540 $PY scripts/bench_op.py --rep 25 $BENCH_ARGS
 fi
 
-echo
-echo "================================ summary ================================"
-failed=0
-for i in "${!NAMES[@]}"; do
-  printf "  %-16s %-16s %s\n" "${NAMES[$i]}" "${STATUS[$i]}" "${TIMES[$i]}"
-  [ "${STATUS[$i]}" = "PASS" ] || failed=1
-done
+summary_table 16; failed=$?
 echo "  total ${SECONDS}s; logs in $OUT/"
 echo "========================================================================="
 exit $failed

@@ -22,6 +22,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python}
 TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node=$CP_SIZE"
 
+source scripts/_summary.sh   # summary_table
 declare -a NAMES STATUS TIMES
 run() {  # run NAME CMD...
   local name=$1; shift
@@ -42,13 +43,7 @@ run memory_cp1 $PY tests/cp/benchmark_memory.py --cp_size 1 --seq_lens "$SEQ_LEN
 run memory_cp$CP_SIZE $TORCHRUN tests/cp/benchmark_memory.py --cp_size "$CP_SIZE" --seq_lens "$SEQ_LENS" \
     --model_config "$MODEL" --results_dir "$OUT/memory" --plot "$OUT/memory.png"
 
-echo
-echo "================================ summary ================================"
-failed=0
-for i in "${!NAMES[@]}"; do
-  printf "  %-22s %-16s %s\n" "${NAMES[$i]}" "${STATUS[$i]}" "${TIMES[$i]}"
-  [ "${STATUS[$i]}" = "PASS" ] || failed=1
-done
+summary_table 22; failed=$?
 echo "  numerical checks:"; grep -h "checks passed" "$OUT"/numerical_cp*.log | sed 's/^/   /'
 echo "  memory (cp_size=$CP_SIZE vs 1):"; grep -hE "^ [0-9,]+ +\|" "$OUT/memory_cp$CP_SIZE.log" | sed 's/^/   /'
 echo "  logs: $OUT/*.log, plot: $OUT/memory.png"

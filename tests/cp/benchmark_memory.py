@@ -11,7 +11,9 @@ Activations is exact and device-independent: the bytes of tensors autograd saved
 (torch.autograd.graph.saved_tensors_hooks, each storage once, parameters excluded). Model is the
 parameter bytes. Reduction compares with the saved cp_size=1 results measured with the same settings
 (resolved model config, vocab, dtype, batch size, device); the plot draws the runs whose settings match
-the latest one. An out-of-memory step is reported in Status, not a crash. Results:
+the latest one. An out-of-memory step is reported in Status, not a crash (exit 0: it is a result).
+A measurement that failed (the step raised, its process died or timed out) exits 1, and the run is
+neither saved nor plotted: the results file keeps the last good run. Results:
 <results_dir>/memory_<dev>_cp<P>.json (memory_<dev>_cp<P>_zigzag.json for --cp_layout zigzag).
 """
 from __future__ import annotations
@@ -47,11 +49,22 @@ DEFAULT_SEQ_LENS = "1024,2048,4096,8192,16384"
 WARMUP_DIV = 8
 
 
+def seq_len_list(text: str) -> list[int]:
+    try:
+        lens = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if min(lens) < 1:
+        raise argparse.ArgumentTypeError(f"lengths must be >= 1, got {text!r}")
+    return lens
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cp_size", type=int, default=None, help="default: the world size; omit with --plot to only plot")
     p.add_argument("--cp_layout", default="contiguous", choices=["contiguous", "zigzag"])
-    p.add_argument("--seq_lens", default=DEFAULT_SEQ_LENS, help="comma-separated global sequence lengths")
+    p.add_argument("--seq_lens", type=seq_len_list, default=DEFAULT_SEQ_LENS,
+                   help="comma-separated global sequence lengths")
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--model_config", default="small", help="tiny|small|base or a JSON file / config dir")
     p.add_argument("--vocab_size", type=int, default=257, help="257 = the byte tokenizer of train_cp_real.py")
@@ -121,6 +134,9 @@ def measure(args) -> dict:
                                        cp_size=args.cp_size, cp_layout=args.cp_layout)
         model = GatedDeltaNetCPForCausalLM(config, device_mesh=mesh).to(info.device)
         params = list(model.parameters())
+        # known before the step runs: the run's header has it even if every step fails or runs out of memory
+        result.update(params=sum(p.numel() for p in params),
+                      model_bytes=sum(p.numel() * p.element_size() for p in params))
         amp = {"device_type": info.device.type, "dtype": torch.bfloat16, "enabled": args.dtype == "bf16"}
 
         def step(seq_len: int, saved=None):
@@ -144,8 +160,6 @@ def measure(args) -> dict:
         if info.device.type == "cuda":
             torch.cuda.synchronize()
         result.update(
-            params=sum(p.numel() for p in params),
-            model_bytes=sum(p.numel() * p.element_size() for p in params),
             peak_bytes=peak_memory_bytes(info.device),
             step_peak_bytes=peak_memory_bytes(info.device) - baseline,
             saved_bytes=saved.bytes,
@@ -198,8 +212,8 @@ def combine(seq_len: int, cp_size: int, per_rank: list[dict]) -> dict:
     bad = [r["status"] for r in per_rank if r["status"] != "OK"]
     row = {"seq_len": seq_len, "local_len": -(-seq_len // cp_size),
            "status": next((s for s in bad if s.startswith("OOM")), bad[0] if bad else "OK")}
+    row["params"] = next((r["params"] for r in per_rank if r.get("params") is not None), None)
     if not bad:
-        row["params"] = per_rank[0]["params"]
         for key in ("model_bytes", "peak_bytes", "step_peak_bytes", "saved_bytes", "step_time_s"):
             row[key + "_per_rank"] = [r[key] for r in per_rank]
             row[key] = max(r[key] for r in per_rank)
@@ -251,6 +265,16 @@ def load_baseline(results_dir, run: dict) -> tuple[dict | None, str | None]:
     return baseline, None
 
 
+def fmt_params(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e6:.2f}M"
+
+
+def is_failed(status: str) -> bool:
+    """A row with no measurement: the step raised, the process died or timed out. Out of memory is a
+    result (the step does not fit), not a failure."""
+    return status != "OK" and not status.startswith("OOM")
+
+
 def print_table(run: dict, baseline: dict | None, note: str | None = None) -> None:
     base = {r["seq_len"]: r for r in (baseline or {}).get("results", []) if r["status"] == "OK"}
     cpu = run["device_type"] == "cpu"
@@ -272,7 +296,7 @@ def print_table(run: dict, baseline: dict | None, note: str | None = None) -> No
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
     line = "+".join("-" * (w + 2) for w in widths)
     print(f"\nMemory per rank, one training step (fwd+bwd) | cp_size={run['cp_size']} layout={run['cp_layout']} "
-          f"model={run['model_config']} ({(run['params'] or 0) / 1e6:.2f}M params) dtype={run['dtype']} "
+          f"model={run['model_config']} ({fmt_params(run.get('params'))} params) dtype={run['dtype']} "
           f"batch={run['batch_size']} | {run['device_name']}")
     print(" " + " | ".join(h.ljust(w) for h, w in zip(head, widths)))
     print(line)
@@ -322,7 +346,7 @@ def plot(results_dir, device_type: str, out: str, latest: dict | None = None) ->
         ax.set_ylabel("MiB")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(f"Gated DeltaNet CP memory, model={latest['model_config']} ({(latest['params'] or 0) / 1e6:.2f}M "
+    fig.suptitle(f"Gated DeltaNet CP memory, model={latest['model_config']} ({fmt_params(latest.get('params'))} "
                  f"params), {latest['dtype']}, batch {latest['batch_size']}, {latest['device_name']}")
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -346,16 +370,15 @@ def main(argv=None) -> int:
             print(f"error: --cp_size {args.cp_size} does not divide the world size {info.world_size}", file=sys.stderr)
         cleanup_distributed(info)
         return 2
-    seq_lens = [int(s) for s in args.seq_lens.split(",")]
     try:                                   # a bad --model_config: one clear error now, not a failed child per length
-        model_config_kwargs(args.model_config, args.vocab_size)
+        resolved_model_config(args.model_config, args.vocab_size)
     except (OSError, ValueError) as e:
         if info.is_main:
             print(f"error: {e}", file=sys.stderr)
         cleanup_distributed(info)
         return 2
     rows = []
-    for seq_len in seq_lens:
+    for seq_len in args.seq_lens:
         port = broadcast_object(free_port() if info.is_main else None)
         mine = run_child(args, seq_len, port)
         per_rank = [None] * info.world_size
@@ -367,8 +390,9 @@ def main(argv=None) -> int:
                   + (f", peak/rank {fmt_bytes(row['peak_bytes'])}, activations/rank "
                      f"{fmt_bytes(row['saved_bytes'])}, {row['step_time_s']:.1f}s" if row["status"] == "OK" else ""),
                   flush=True)
+    failed = [r for r in rows if is_failed(r["status"])]     # the same on every rank (all_gather)
     if info.is_main:
-        n_params = next((r["params"] for r in rows if r["status"] == "OK"), None)
+        n_params = next((r["params"] for r in rows if r.get("params") is not None), None)
         device_name = torch.cuda.get_device_name(0) if device_type == "cuda" else \
             f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
         run = {"cp_size": args.cp_size, "cp_layout": args.cp_layout, "world_size": info.world_size,
@@ -377,14 +401,20 @@ def main(argv=None) -> int:
                "settings": run_settings(args, device_name),
                "date": datetime.datetime.now().isoformat(timespec="seconds"), "results": rows}
         path = results_path(args.results_dir, device_type, args.cp_size, args.cp_layout)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(run, indent=1))
         print_table(run, *load_baseline(args.results_dir, run))
-        print(f"saved {path}")
-        if args.plot:
-            plot(args.results_dir, device_type, args.plot, latest=run)
+        if failed:
+            # a broken run is not a result: it neither replaces the saved one nor gets plotted
+            kept = f"{path} keeps its earlier results" if path.is_file() else f"nothing written to {path}"
+            print(f"error: {len(failed)} of {len(rows)} measurements failed (seq_len "
+                  f"{', '.join(str(r['seq_len']) for r in failed)}): not saved, {kept}", file=sys.stderr)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(run, indent=1))
+            print(f"saved {path}")
+            if args.plot:
+                plot(args.results_dir, device_type, args.plot, latest=run)
     cleanup_distributed(info)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

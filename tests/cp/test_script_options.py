@@ -112,6 +112,128 @@ def test_benchmark_memory_warmup_is_the_same_share_for_every_cp_size():
             assert warm < seq_len
 
 
+def one_rank_env(monkeypatch):
+    """The environment of a one-rank group, undone after the test (init_distributed fills it in)."""
+    from fla_cp.utils.dist import free_port
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_benchmark_memory_exits_1_on_a_failed_measurement_and_keeps_the_saved_run(tmp_path, monkeypatch, capsys):
+    """A measurement that raised is no result: exit 1 (so run_cp_tests.sh / gpu_check.sh report FAIL) and
+    the saved run stays as it was. Out of memory is a result: exit 0, saved, with the model's params."""
+    one_rank_env(monkeypatch)
+    tiny = ["--model_config", "tiny"]
+    saved = save(fake_run(1, tiny, 4000), tmp_path)
+    good = saved.read_text()
+    measured = {"params": 2_500_000, "model_bytes": 10**7, "peak_bytes": 10**8, "step_peak_bytes": 10**7,
+                "saved_bytes": 10**6, "step_time_s": 0.1}
+    outcome = {256: {"status": "OK", **measured}, 512: {"status": "FAILED: RuntimeError: boom", "params": 2_500_000}}
+    monkeypatch.setattr(bm, "run_child", lambda args, seq_len, port: outcome[seq_len])
+    argv = ["--cp_size", "1", "--seq_lens", "256,512", *tiny, "--results_dir", str(tmp_path),
+            "--plot", str(tmp_path / "mem.png")]
+    assert bm.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "1 of 2 measurements failed (seq_len 512): not saved" in err, err
+    assert saved.read_text() == good and not (tmp_path / "mem.png").exists()
+    assert "(2.50M params)" in out and "FAILED: RuntimeError: boom" in out, out
+
+    outcome = {256: {"status": "OOM", "params": 2_500_000}, 512: {"status": "OOM (killed)"}}
+    assert bm.main(argv[:-2]) == 0
+    run = json.loads(saved.read_text())
+    assert run["params"] == 2_500_000 and [r["status"] for r in run["results"]] == ["OOM", "OOM (killed)"]
+    assert "(2.50M params)" in capsys.readouterr().out
+
+
+def test_benchmark_memory_child_reports_params_when_the_step_fails(monkeypatch):
+    """The params are known before the step: a step that raises still reports them (they were null)."""
+    import torch
+
+    from fla_cp.models import GatedDeltaNetCPForCausalLM
+    one_rank_env(monkeypatch)
+    threads = torch.get_num_threads()
+
+    def boom(self, *args, **kwargs):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(GatedDeltaNetCPForCausalLM, "forward", boom)
+    try:
+        result = bm.measure(bm.get_args(["--_child", "--_seq_len", "64", "--cp_size", "1", "--model_config", "tiny",
+                                         "--threads", "1"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert result["status"] == "FAILED: RuntimeError: boom", result
+    assert result["params"] > 0 and result["model_bytes"] == 4 * result["params"]
+
+
+def test_benchmark_memory_rejects_bad_seq_lens(capsys):
+    for bad in ("256,x", "0,256"):
+        with pytest.raises(SystemExit) as e:
+            bm.get_args(["--seq_lens", bad])
+        assert e.value.code == 2 and "argument --seq_lens" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# train_cp_real.py
+# ----------------------------------------------------------------------------------------------
+def test_train_cli_bad_argument_combinations_are_usage_errors(tmp_path, capsys):
+    """Each ended in a traceback (or did nothing) after start-up: now `error: ...` and exit 2 at once."""
+    import train_cp_real
+    (tmp_path / "dir.jsonl").mkdir()
+    (tmp_path / "a_file").write_text("")
+    cases = [(["--resume"], "--resume without a checkpoint path resumes --save_dir's latest checkpoint"),
+             (["--resume", str(tmp_path)], f"--resume {tmp_path}: not a checkpoint directory"),
+             (["--save_every", "2"], "--save_every needs --save_dir"),
+             (["--steps", "5", "--stop_at", "10"], "--stop_at 10 is past the end of the run (--steps 5)"),
+             (["--log_file", str(tmp_path / "loss.txt")], "must end in .csv or .jsonl"),
+             (["--log_file", str(tmp_path / "dir.jsonl")], "dir.jsonl is a directory"),
+             (["--data", str(tmp_path / "nope")], "nope does not exist"),
+             (["--save_dir", str(tmp_path / "a_file")], "a_file is a file, not a directory"),
+             (["--steps", "0"], "argument --steps: must be >= 1"),
+             (["--save_every", "-1"], "argument --save_every: must be >= 0"),
+             (["--stop_at", "0"], "argument --stop_at: must be >= 1")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            train_cp_real.get_args(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and ": error: " in err and message in " ".join(err.split()), (argv, err)
+    # what stays allowed: --resume DIR without --save_dir, --stop_at == --steps, a .csv log
+    step = tmp_path / "step_0000001"
+    step.mkdir()
+    (step / "trainer_state.pt").write_bytes(b"")
+    train_cp_real.get_args(["--resume", str(step), "--steps", "4", "--stop_at", "4", "--log_file", "x/loss.csv"])
+
+
+def test_train_cli_unusable_tokenizer_data_or_model_config_exit_2(tmp_path, monkeypatch, capsys):
+    """What --tokenizer, --data and --model_config name is loaded after start-up: a clean error there too."""
+    import torch
+    import train_cp_real
+    one_rank_env(monkeypatch)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "doc.txt").write_text("a document")
+    (tmp_path / "bad.json").write_text("{not json")
+    base = ["--threads", str(torch.get_num_threads()), "--model_config", "tiny", "--data", str(tmp_path / "doc.txt")]
+    for argv, message in [(["--tokenizer", str(tmp_path / "tok")], "error: --tokenizer"),
+                          (["--data", str(tmp_path / "empty")], "no documents found (looked for .txt, .md"),
+                          (["--model_config", "nope"], "error: --model_config 'nope': not a preset"),
+                          (["--model_config", str(tmp_path / "bad.json")], "error: Expecting property name")]:
+        assert train_cp_real.main(base + argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+
+
+def test_train_cli_help_names_the_data_suffixes_and_the_default_log(capsys):
+    import train_cp_real
+
+    from fla_cp.data import DATA_SUFFIXES, TEXT_SUFFIXES
+    with pytest.raises(SystemExit) as e:
+        train_cp_real.get_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and set(TEXT_SUFFIXES) < set(DATA_SUFFIXES)
+    assert f"a directory of {'/'.join(DATA_SUFFIXES)} files" in out, out
+    assert "default: SAVE_DIR/loss.jsonl, or runs/train_cp_real/loss.jsonl without --save_dir" in out, out
+
+
 # ----------------------------------------------------------------------------------------------
 # test_numerical_correctness.py as a command
 # ----------------------------------------------------------------------------------------------

@@ -201,7 +201,7 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
             args + ["--save_dir", str(cut), "--resume"],
             TRAIN_ARGS + ["--cp_size", "3"],                     # does not divide the world: exit 2
             args + ["--save_dir", str(cut), "--resume", "--optimizer", "sgd", "--seq_len", "64", "--steps", "4",
-                    "--batch_size", "1", "--model_config", "small", "--cp_layout", "zigzag", "--stop_at", "5"],
+                    "--batch_size", "1", "--model_config", "small", "--cp_layout", "zigzag", "--stop_at", "4"],
             args + ["--save_dir", str(cut), "--resume"],                         # finished: nothing to do
             args + ["--save_dir", str(cut), "--resume", step3, "--stop_at", "2"],  # past --stop_at: same
             args + ["--save_dir", str(zigzag), "--resume", step3, "--cp_layout", "zigzag"],
@@ -361,6 +361,27 @@ def test_gpu_check_groups_and_no_gpu(tmp_path):
     assert bad.returncode == 2 and "unknown group 'benchmark'" in bad.stdout
     run = subprocess.run(["bash", script, "op"], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "no CUDA device" in run.stdout, run.stdout + run.stderr
+
+
+def test_summary_table_is_shared_and_fails_unless_every_step_passed():
+    """gpu_check.sh and run_cp_tests.sh print their summary with scripts/_summary.sh: a row per step,
+    and a non-zero status when any step did not pass (or none ran)."""
+    for script in ("gpu_check.sh", "run_cp_tests.sh"):
+        text = (ROOT / "scripts" / script).read_text()
+        assert "source scripts/_summary.sh" in text and "summary_table " in text and "for i in" not in text
+        assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)], check=False).returncode == 0
+    for statuses, code in [(["PASS", "PASS"], 0), (["PASS", "FAIL (exit 1)"], 1), (["TIMEOUT"], 1), ([], 1)]:
+        names = " ".join(f"step_{i}" for i in range(len(statuses)))
+        status = " ".join(f"'{s}'" for s in statuses)
+        times = " ".join("3s" for _ in statuses)
+        cmd = (f"source scripts/_summary.sh; NAMES=({names}); STATUS=({status}); TIMES=({times}); "
+               f"summary_table 10; echo \"rc=$?\"")
+        res = subprocess.run(["bash", "-uc", cmd], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                             check=False)
+        assert res.stdout.rstrip().endswith(f"rc={code}") and res.stderr == "", res
+        rows = [line for line in res.stdout.splitlines() if line.startswith("  step_")]
+        assert [line.split(None, 1)[1].rsplit(None, 1)[0] for line in rows] == statuses, res.stdout
+        assert all(line[2:12] == f"step_{i}".ljust(10) for i, line in enumerate(rows))
 
 
 def test_resume_compares_what_model_tokenizer_and_data_stand_for(tmp_path):

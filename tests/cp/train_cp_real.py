@@ -34,7 +34,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # run from a checkout without installing
 
 import fla_cp  # noqa: F401  (registers gated_deltanet_cp with the Auto classes)
-from fla_cp.data import Corpus, Packer, load_tokenizer
+from fla_cp.data import DATA_SUFFIXES, Corpus, Packer, load_tokenizer
 from fla_cp.models import (
     GatedDeltaNetCPConfig,
     GatedDeltaNetCPForCausalLM,
@@ -59,10 +59,22 @@ RUN_ARGS = ("model_config", "tokenizer", "data", "seed", "seq_len", "optimizer",
             "steps", "weight_decay", "grad_clip")
 
 
+# where the loss log goes without --save_dir (with it: save_dir/loss.jsonl)
+DEFAULT_LOG_DIR = "runs/train_cp_real"
+LOG_SUFFIXES = (".csv", ".jsonl")
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -73,32 +85,60 @@ def get_args(argv=None):
     p.add_argument("--seq_len", type=positive_int, default=1024, help="tokens per packed sequence")
     p.add_argument("--batch_size", type=positive_int, default=4,
                    help="sequences per step per DP rank (packed in one row)")
-    p.add_argument("--steps", type=int, default=200, help="length of the run (and of the LR schedule)")
+    p.add_argument("--steps", type=positive_int, default=200, help="length of the run (and of the LR schedule)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min_lr_ratio", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--warmup", type=non_negative_int, default=20)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--grad_clip", type=float, default=1.0, help="0 disables clipping")
     p.add_argument("--model_config", default="small", help=f"{'|'.join(PRESETS)} or a JSON file / config dir")
     p.add_argument("--data", default=None,
-                   help="a local .txt/.jsonl file or directory (default: Python stdlib sources)")
+                   help=f"a local file (.jsonl: a document per line; any other: one document) or a directory of "
+                        f"{'/'.join(DATA_SUFFIXES)} files (default: Python stdlib sources)")
     p.add_argument("--tokenizer", default="byte", help="'byte' or a local Hugging Face tokenizer directory")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_dir", default=None, help="checkpoints go to save_dir/step_XXXXXXX")
-    p.add_argument("--save_every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
+    p.add_argument("--save_every", type=non_negative_int, default=0,
+                   help="also checkpoint every N steps (0: only at the end; needs --save_dir)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="resume from save_dir's latest checkpoint, or from the given checkpoint dir (the run's "
+                   help="resume from --save_dir's latest checkpoint, or from the given checkpoint dir (the run's "
                         "arguments must be the checkpoint's; a finished run has nothing to do and exits 0)")
-    p.add_argument("--stop_at", type=int, default=None,
+    p.add_argument("--stop_at", type=positive_int, default=None,
                    help="save and exit after this step, as if interrupted (resuming a checkpoint at or past it: "
                         "nothing to do, exit 0)")
-    p.add_argument("--log_file", default=None, help=".csv or .jsonl loss log (default: save_dir/loss.jsonl)")
+    p.add_argument("--log_file", default=None,
+                   help=f"{' or '.join(LOG_SUFFIXES)} loss log (default: SAVE_DIR/loss.jsonl, or "
+                        f"{DEFAULT_LOG_DIR}/loss.jsonl without --save_dir)")
     p.add_argument("--backend", default=None, help="force a torch.distributed backend (default: automatic)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per rank (default: cores / local ranks)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Combinations of arguments that cannot work: a usage error (exit 2) now, not a traceback later."""
+    if args.resume == "latest" and args.save_dir is None:
+        p.error("--resume without a checkpoint path resumes --save_dir's latest checkpoint: give --save_dir "
+                "(or --resume CHECKPOINT_DIR)")
+    if args.resume not in (None, "latest") and not (Path(args.resume) / "trainer_state.pt").is_file():
+        p.error(f"--resume {args.resume}: not a checkpoint directory (no trainer_state.pt there)")
+    if args.save_dir is not None and Path(args.save_dir).exists() and not Path(args.save_dir).is_dir():
+        p.error(f"--save_dir {args.save_dir} is a file, not a directory")
+    if args.save_every and args.save_dir is None:
+        p.error("--save_every needs --save_dir (where the checkpoints go)")
+    if args.stop_at is not None and args.stop_at > args.steps:
+        p.error(f"--stop_at {args.stop_at} is past the end of the run (--steps {args.steps})")
+    if args.log_file is not None:
+        if Path(args.log_file).suffix not in LOG_SUFFIXES:
+            p.error(f"--log_file {args.log_file}: must end in {' or '.join(LOG_SUFFIXES)}")
+        if Path(args.log_file).is_dir():
+            p.error(f"--log_file {args.log_file} is a directory")
+    if args.data is not None and not Path(args.data).exists():
+        p.error(f"--data {args.data} does not exist")
 
 
 def lr_at(step: int, args) -> float:
@@ -222,10 +262,16 @@ def main(argv=None) -> int:
     dp_size, dp_rank = info.world_size // args.cp_size, info.rank // args.cp_size
     mesh = init_cp_mesh(args.cp_size, device_type=info.device.type)
 
-    tokenizer = load_tokenizer(args.tokenizer)
-    packer = Packer(Corpus(args.data), tokenizer, args.seq_len, seed=args.seed)
-    identity = run_identity(args, tokenizer, packer.corpus)
-    ckpt = resolve_checkpoint(args.resume, args.save_dir) if args.resume else None
+    try:        # what --tokenizer, --data and --model_config name: a clear error (exit 2), not a traceback
+        tokenizer = load_tokenizer(args.tokenizer)
+        packer = Packer(Corpus(args.data), tokenizer, args.seq_len, seed=args.seed)
+        identity = run_identity(args, tokenizer, packer.corpus)
+        ckpt = resolve_checkpoint(args.resume, args.save_dir) if args.resume else None
+    except (OSError, ValueError) as e:
+        if info.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        cleanup_distributed(info)
+        return 2
     if args.resume and ckpt is None and info.is_main:
         print(f"--resume: no checkpoint in {args.save_dir} yet, starting from scratch", flush=True)
     step = 0
@@ -255,7 +301,7 @@ def main(argv=None) -> int:
         packer.load_state_dict(state["data"])
         if rng is not None:
             set_rng_state(rng)
-    log_path = args.log_file or Path(args.save_dir or "runs/train_cp_real") / "loss.jsonl"
+    log_path = args.log_file or Path(args.save_dir or DEFAULT_LOG_DIR) / "loss.jsonl"
     log = MetricsLog(log_path, resume_step=step if ckpt is not None else None, enabled=info.is_main)
     # after a resume, the summary and time_s continue the whole run's when the log holds all its earlier
     # steps (rank 0's view); otherwise they cover this run, and the summary says so
