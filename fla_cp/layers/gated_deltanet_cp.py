@@ -18,7 +18,7 @@ unchanged. Only `forward` differs:
   This keeps a dense CP split valid for padded rows. The mask must hold only 0/1 and each row's
   tokens must be one contiguous run (left, right or both-sided padding): a hole (`[1, 1, 0, 1, 1]`) is
   not padding — FLA would join the pieces, here the conv window would see the zeros — so it raises
-  ValueError at prefill (not at decode steps, whose mask is the growing global one). Under CP the
+  ValueError (not at decode steps without CP, whose mask is the growing global one). Under CP the
   mask may be global `[B, T]` (every rank checks whole rows; preferred) or this rank's `[B, T_loc]`:
   then each rank can only check its own tokens, and a hole spanning ranks (e.g. a row whose tokens
   end on one rank and start again on the next) is not detected — that would take a collective.
@@ -31,8 +31,13 @@ unchanged. Only `forward` differs:
   picks the GDN operator's kernels (`chunk_cp_gated_delta_rule(backend=...)`).
 - `past_key_values`/`use_cache`: FLA's `Cache`; the recurrent state is stored as `[N, HV, K, V]`
   (fla_cp's layout, not FLA's `state_v_first`) and the conv state as FLA's `(q, k, v)` tuple of
-  `[N, D, W]`. Under CP the cache must start empty (prefill); the states of every sequence are then
-  gathered to all ranks, so decoding can continue on any rank without CP.
+  `[N, D, W]` (N: rows, or packed sequences). Under CP the final states of every sequence are
+  gathered to all ranks, so the cache is replicated: a later call may run without CP (a decode step,
+  every rank in full) or with CP again (a multi-token continuation: each sequence starts from its
+  cached recurrent state, the operator's `initial_state`, and conv windows reaching before its start
+  read its cached inputs, appended to the halo; no extra collective). A CP continuation may pass the
+  mask as generate does, `[B, past + T]` (checked whole, its last T columns used); a packed one needs
+  the cache to hold one state per sequence of its `cu_seqlens`.
 """
 from __future__ import annotations
 
@@ -118,14 +123,15 @@ class GatedDeltaNetCP(GatedDeltaNet):
             g = g * mask.unsqueeze(-1)
             beta = beta * mask.unsqueeze(-1).to(beta.dtype)
 
+        # a continuation (CP or not) starts every sequence from its cached state (replicated under CP)
+        initial_state = last_state['recurrent_state'] if last_state is not None else None
         if cp is not None:
             o, recurrent_state = chunk_cp_gated_delta_rule(
-                q, k, v, g, beta, cp_context=cp, output_final_state=bool(use_cache),
+                q, k, v, g, beta, cp_context=cp, initial_state=initial_state, output_final_state=bool(use_cache),
                 use_qk_l2norm_in_kernel=True, backend=self.kernel_backend, verify_agreement=False)
         else:
             o, recurrent_state = chunk_cp_gated_delta_rule(
-                q, k, v, g, beta, cp_context=None, cu_seqlens=cu_seqlens,
-                initial_state=last_state['recurrent_state'] if last_state is not None else None,
+                q, k, v, g, beta, cp_context=None, cu_seqlens=cu_seqlens, initial_state=initial_state,
                 output_final_state=bool(use_cache), use_qk_l2norm_in_kernel=True, backend=self.kernel_backend)
 
         if past_key_values is not None:
@@ -170,19 +176,42 @@ class GatedDeltaNetCP(GatedDeltaNet):
         if T != cp.local_len:
             return (f"hidden_states holds {T} tokens but cp_context gives this rank {cp.local_len} "
                     f"(global length {cp.total_len}); shard inputs with cp_context.shard(x, dim=1)")
-        if last_state is not None:
-            return "a CP forward must start from an empty cache (CP prefill); decode steps run without cp_context"
         if cp.packed and B != 1:
             return f"packed CP input (cu_seqlens) must have batch size 1, got B={B}"
+        if last_state is not None:
+            error = self._cache_error(last_state, cp.num_seqs if cp.packed else B, cp.packed)
+            if error:
+                return error
         if attention_mask is not None and not cp.packed:
+            # with a cache, generate's mask spans the past too: [B, past + T] (its last T columns are this call's)
+            longer = last_state is not None and attention_mask.dim() == 2 and attention_mask.shape[1] > cp.total_len
             if (attention_mask.dim() != 2 or attention_mask.shape[0] != B
-                    or attention_mask.shape[1] not in (T, cp.total_len)):
+                    or not (attention_mask.shape[1] in (T, cp.total_len) or longer)):
                 return (f"attention_mask must be a [B, T] 0/1 padding mask, global [{B}, {cp.total_len}] or "
-                        f"this rank's [{B}, {T}], got {tuple(attention_mask.shape)}")
-            error = self._padding_mask_error(attention_mask)
-            if error and attention_mask.shape[1] != cp.total_len:
+                        f"this rank's [{B}, {T}] (or [{B}, past + {cp.total_len}] after a cache), got "
+                        f"{tuple(attention_mask.shape)}")
+            error = self._padding_mask_error(attention_mask)      # a longer mask: holes across the past too
+            if error and attention_mask.shape[1] < cp.total_len:
                 error += " (positions within this rank's shard of the row)"
             return error
+        return None
+
+    def _cache_error(self, last_state, N: int, packed: bool) -> str | None:
+        """Why this layer's cache can't start a CP continuation of N sequences, or None."""
+        what = f"one per packed sequence (N={N})" if packed else f"one per row (B={N})"
+        state = last_state.get('recurrent_state')
+        want = (N, self.num_v_heads, self.head_k_dim, self.head_v_dim)
+        if state is not None and (not torch.is_tensor(state) or tuple(state.shape) != want):
+            got = tuple(state.shape) if torch.is_tensor(state) else type(state).__name__
+            return (f"a CP continuation needs the cache to hold {what} recurrent states {list(want)}, got {got}"
+                    + ("; a packed continuation continues each sequence of its cu_seqlens from its own cached "
+                       "state (the cache of a packed prefill with as many sequences)" if packed else ""))
+        conv = last_state.get('conv_state') if self.use_short_conv else None
+        if conv is not None:
+            shapes = [tuple(c.shape) if torch.is_tensor(c) else None for c in conv]
+            if len(shapes) != 3 or any(sh is None or sh[0] != N or sh[-1] != self.conv_size for sh in shapes):
+                return (f"a CP continuation needs the cache to hold {what} conv states [N, D, {self.conv_size}], "
+                        f"got {shapes}")
         return None
 
     @staticmethod
@@ -212,7 +241,7 @@ class GatedDeltaNetCP(GatedDeltaNet):
         split = cp.fingerprint() + [bool(cp.packed)] if cp is not None else [0] * 6
         mask_code = 0
         if torch.is_tensor(attention_mask) and attention_mask.dim() == 2 and (
-                cp is None or attention_mask.shape[1] == cp.total_len):
+                cp is None or attention_mask.shape[1] >= cp.total_len):
             mask_code = comm.content_code(attention_mask)
         device_type = hidden_states.device.type if torch.is_tensor(hidden_states) else "cpu"
         autocast = torch.is_autocast_enabled(device_type)
@@ -236,6 +265,9 @@ class GatedDeltaNetCP(GatedDeltaNet):
             return None
         if attention_mask.dim() != 2:
             raise ValueError("attention_mask must be a [batch_size, seq_len] 0/1 padding mask")
+        if cp is not None and attention_mask.shape[-1] > cp.total_len:
+            # a CP continuation given generate's [B, past + T] mask: this call's tokens are the last T
+            attention_mask = attention_mask[:, -cp.total_len:]
         if cp is not None and attention_mask.shape[-1] == cp.total_len and cp.total_len != T:
             attention_mask = cp.shard(attention_mask, dim=1)
         elif attention_mask.shape[-1] != T:
@@ -269,16 +301,17 @@ class GatedDeltaNetCP(GatedDeltaNet):
         weight = torch.cat([c.weight.squeeze(1) for c in convs], 0)
         bias = torch.cat([c.bias for c in convs], 0) if self.conv_bias else None
 
-        init = None
+        cached = None
+        if last_state is not None and last_state.get('conv_state') is not None:
+            # [N, C, W]: each sequence's last W inputs; what precedes the next token is the last W-1
+            cached = torch.cat(last_state['conv_state'], 1)[..., 1:].transpose(1, 2)     # [N, W-1, C]
+        init = cached
         if cp is not None:
-            halo = conv_halo(x, cp, W)                           # one collective over the CP group
-            if halo is not None:
-                init = halo.reshape(B * len(row_bounds), W - 1, C)
-        elif last_state is not None and last_state.get('conv_state') is not None:
-            state = torch.cat(last_state['conv_state'], 1)       # [N, C, W]: last W inputs
-            if state.shape[0] != len(flat_bounds):
-                raise ValueError(f"conv cache holds {state.shape[0]} sequences, input has {len(flat_bounds)}")
-            init = state[..., 1:].transpose(1, 2)
+            # the halo (one collective) with the cached inputs before each sequence's start
+            halo = conv_halo(x, cp, W, cache=cached)
+            init = halo.reshape(B * len(row_bounds), W - 1, C) if halo is not None else None
+        elif cached is not None and cached.shape[0] != len(flat_bounds):
+            raise ValueError(f"conv cache holds {cached.shape[0]} sequences, input has {len(flat_bounds)}")
 
         backend = resolve_conv_backend(self.conv_backend, x, who=f"GatedDeltaNetCP(conv_backend={self.conv_backend!r})")
         windows = None

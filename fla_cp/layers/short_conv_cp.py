@@ -7,6 +7,8 @@ W-1 conv inputs of each of its parts; each segment that continues a sequence fro
 then picks the W-1 predecessors it needs (stopping at the sequence's first token, so a halo never
 leaks across documents). The exchange is an autograd function whose backward sums the halo gradients
 over the group and hands each rank the gradient of its own tails: halo gradients reach their owners.
+When the call continues cached sequences, the positions before a sequence's start are its cached last
+inputs (replicated on every rank, so no collective) rather than zeros.
 
 The convolution (`causal_conv`) has two backends with one contract. Its math is FLA's
 `causal_conv1d`: `y_t = act(sum_j w[:, j] * x_{t-W+1+j} + b)`, with a cache `[N, D, W]` holding a
@@ -233,19 +235,38 @@ def _owner_slot(cp_context) -> dict[int, int]:
     return slot
 
 
-def conv_halo(x: torch.Tensor, cp_context, W: int) -> torch.Tensor | None:
-    """Inputs preceding each local segment: `[B, S, W-1, D]` (zeros where a sequence starts).
+def conv_halo(x: torch.Tensor, cp_context, W: int, cache: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Inputs preceding each local segment: `[B, S, W-1, D]`.
 
     `x` is this rank's `[B, T_loc, D]` conv input; segments are `cp_context.segments` (same for every
-    row of a dense batch). Returns None when no part continues a sequence (no collective then).
-    Collective over the CP group: call on every rank.
+    row of a dense batch). Before a sequence's first token the halo holds zeros, or, when the call
+    continues cached sequences, their cached last inputs: `cache` `[N, W-1, D]` (oldest first; N = B
+    dense, the number of sequences packed), the same on every rank. Returns None when nothing precedes
+    any segment (no part continues a sequence and no cache). Collective over the CP group when a part
+    continues a sequence (call on every rank); the cache needs none.
     """
     cp = cp_context
-    if W == 1 or not any(p.from_prev for p in cp.parts):
+    gather = any(p.from_prev for p in cp.parts)
+    if W == 1 or not (gather or cache is not None):
         return None
     B, _, D = x.shape
     H = W - 1
-    # The last W-1 inputs of each local part (left-padded with zeros when the part is shorter).
+    rows = []
+    if gather:
+        rows.append(_gathered_tails(x, cp, H))                        # [B, P*nlp*H, D]
+    if cache is not None:
+        rows.append(cache.to(x.dtype).reshape(B, -1, D))              # [B, H, D] dense, [1, N*H, D] packed
+    rows.append(x.new_zeros(B, 1, D))
+    src = torch.cat(rows, 1)
+    index = cp.memo(("conv_halo_rows", W, cache is not None, str(x.device)),
+                    lambda: _halo_rows(cp, H, gather, cache is not None).to(x.device))
+    return src[:, index]                                               # [B, S, H, D]
+
+
+def _gathered_tails(x: torch.Tensor, cp, H: int) -> torch.Tensor:
+    """The last H inputs of every part of every rank, `[B, P*nlp*H, D]` (one all_gather): the H inputs
+    of a part shorter than H are left-padded with zeros."""
+    B, _, D = x.shape
     tails, offset = [], 0
     for j in cp.local_parts:
         n = cp.parts[j].end - cp.parts[j].start
@@ -255,30 +276,30 @@ def conv_halo(x: torch.Tensor, cp_context, W: int) -> torch.Tensor | None:
         tails.append(tail)
         offset += n
     gathered = _GatherTails.apply(torch.stack(tails), cp.group, cp.rank)   # [P, nlp, B, H, D]
-    src = gathered.permute(2, 0, 1, 3, 4).reshape(B, -1, D)              # [B, P*nlp*H, D]
-    src = torch.cat([src, src.new_zeros(B, 1, D)], 1)
-    zero_row = src.shape[1] - 1
-
-    index = cp.memo(("conv_halo_rows", W, str(x.device)), lambda: _halo_rows(cp, H, zero_row).to(x.device))
-    return src[:, index]                                               # [B, S, H, D]
+    return gathered.permute(2, 0, 1, 3, 4).reshape(B, -1, D)
 
 
-def _halo_rows(cp, H: int, zero_row: int) -> torch.Tensor:
-    """Row of the gathered tails `[P * nlp * H]` for each local segment's H predecessors: `[S, H]`."""
+def _halo_rows(cp, H: int, gathered: bool, cached: bool) -> torch.Tensor:
+    """Row of `src` for each local segment's H predecessors: `[S, H]`. `src` is the gathered tails
+    `[P * nlp * H]` (when `gathered`), then the cache's H rows per sequence (when `cached`), then one
+    zero row. A predecessor before its sequence's start is the cache's row, or the zero row."""
     nlp = len(cp.local_parts)
+    n_tails = cp.world_size * nlp * H if gathered else 0
+    zero_row = n_tails + (cp.num_seqs if cp.packed else 1) * H * cached
     slot, cu = _owner_slot(cp), cp.cu_seqlens.tolist()
     starts = [p.start for p in cp.parts]
     index = []
     for s in cp.segments:
+        first = cu[s.seq] if s.starts_seq else cp.parts[s.part].start   # global position of s's first token
         row = [zero_row] * H
-        if not s.starts_seq:
-            p0 = cp.parts[s.part].start
-            for i in range(H):
-                pos = p0 - H + i
-                if pos < cu[s.seq]:
-                    continue                                           # before the document: zero
-                m = bisect.bisect_right(starts, pos) - 1               # the part holding pos
-                pm = cp.parts[m]
-                row[i] = (pm.owner * nlp + slot[m]) * H + H - (pm.end - pos)
+        for i in range(H):
+            pos = first - H + i
+            if pos < cu[s.seq]:
+                if cached:                                             # m = cu[seq] - pos tokens before it
+                    row[i] = n_tails + s.seq * H + H - (cu[s.seq] - pos)
+                continue
+            m = bisect.bisect_right(starts, pos) - 1                   # the part holding pos
+            pm = cp.parts[m]
+            row[i] = (pm.owner * nlp + slot[m]) * H + H - (pm.end - pos)
         index.append(row)
     return torch.tensor(index, dtype=torch.long)

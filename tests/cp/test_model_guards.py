@@ -7,18 +7,25 @@
   step fed another token on one rank raises (ranks sampling differently drifted apart silently);
 - `attention_mask` with a hole raises (it gave wrong logits), with cp_size 1 and under CP;
 - `config.use_l2warp=True` is FLA's `l2_warp` (it was ignored), exactly under CP;
-- every label -100 gives FLA's NaN loss.
+- every label -100 gives FLA's NaN loss;
+- `sync_gradients` of a user's module holding the CP model reduces all its parameters (it reduced
+  nothing); `copy.deepcopy` of a CP model works and shares the process groups (it raised);
+  `resize_token_embeddings` then new ids under CP (they were refused); `num_logits_to_keep` is
+  FLA's deprecated `logits_to_keep` (it was ignored).
 
 The multi-rank checks of one world size share one spawn (process start-up dominates on CPU).
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import fla_cp  # noqa: F401  (registers the Auto classes)
-from fla_cp.models import GatedDeltaNetCPConfig, GatedDeltaNetCPForCausalLM
+from fla_cp.models import GatedDeltaNetCPConfig, GatedDeltaNetCPForCausalLM, sync_gradients
 from tests.cp._dist import run_ranks
 
 TOL = 1e-5
@@ -384,7 +391,7 @@ def test_one_agreement_check_per_forward(cp2):
 def test_one_rank_mismatch_raises_everywhere():
     results = run_ranks(_worker_mismatch, 2, timeout=60)
     for rank, res in enumerate(results):
-        assert "decode step (cache length, new tokens) differs" in res["decode vs prefill"], res["decode vs prefill"]
+        assert "continuation (cache length, new tokens) differs" in res["decode vs prefill"], res["decode vs prefill"]
         err = res["bad cu_seqlens"]
         assert "rank 1: cu_seqlens must" in err and "rank 0:" not in err, err
         assert "input_ids (given, inputs_are_sharded, length along dim 1, content) differs" in res["lengths differ"], \
@@ -430,3 +437,67 @@ def test_mask_hole_raises_single_process():
             got = model(ids, attention_mask=mask, use_cache=False).logits[1, s:e]
             ref = model(ids[1:, s:e], use_cache=False).logits[0]
             assert rel_err(got, ref) <= TOL, (s, e)
+
+
+# ------------------------------------------------------------------- a user's module, copies, resizing
+class Wrapper(torch.nn.Module):
+    """A user's module around the LM: a projector on the input embeddings (as a soft-prompt or VLM
+    adapter does), upstream of the CP model."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.proj = torch.nn.Linear(lm.config.hidden_size, lm.config.hidden_size)
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(inputs_embeds=self.proj(self.lm.get_input_embeddings()(ids)), labels=ids).loss
+
+
+def _wrapping_cases(model, sync):
+    """Wrapper grads; a deep copy's logits; logits and loss with new ids after growing the vocabulary;
+    `num_logits_to_keep=1` logits."""
+    res = {}
+    torch.manual_seed(4)
+    wrapper = Wrapper(model)
+    ids = ids_of(2, 14, seed=9)
+    wrapper(ids).backward()
+    sync(wrapper)
+    res["wrapper grads"] = grads_of(wrapper)
+    model.zero_grad()
+    with torch.no_grad():
+        twin = copy.deepcopy(model)
+        res["copy logits"] = twin(ids, gather_logits=True).logits
+        res["copy shares groups"] = twin.cp_group is model.cp_group and twin.model.cp_group is model.cp_group
+        res["num_logits_to_keep"] = model(ids, num_logits_to_keep=1).logits
+        model.resize_token_embeddings(VOCAB + 8, mean_resizing=False)
+        new = ids.clone()
+        new[0, 4], new[1, 11] = VOCAB + 5, VOCAB + 7      # on both ranks' shards at P = 2
+        out = model(new, labels=new, gather_logits=True)
+        res["resized"] = (out.loss, out.logits)
+    return res
+
+
+def _worker_wrapping(rank, world, state):
+    res = _wrapping_cases(make_model(state, cp_size=world), sync_gradients)
+    res["no CP model"] = error_of(lambda: sync_gradients(torch.nn.Linear(2, 2)))
+    other = dist.new_group(list(range(world)))       # a second CP group over the same ranks
+    both = torch.nn.ModuleList([make_model(state, cp_size=world),
+                                GatedDeltaNetCPForCausalLM(GatedDeltaNetCPConfig(**TINY), cp_group=other)])
+    res["two groups"] = error_of(lambda: sync_gradients(both))
+    return res
+
+
+def test_wrapper_sync_deepcopy_resize_num_logits_to_keep():
+    state = make_model().state_dict()
+    ref = _wrapping_cases(make_model(state), lambda m: None)
+    assert ref["num_logits_to_keep"].shape == (2, 1, VOCAB)
+    for rank, res in enumerate(run_ranks(_worker_wrapping, 2, args=(state,), timeout=120)):
+        _compare((torch.zeros(()), res["wrapper grads"]), (torch.zeros(()), ref["wrapper grads"]),
+                 f"rank {rank} wrapper")
+        assert rel_err(res["copy logits"], ref["copy logits"]) <= TOL and res["copy shares groups"], f"rank {rank}"
+        got = res["num_logits_to_keep"]
+        assert got.shape == (2, 1, VOCAB) and rel_err(got, ref["num_logits_to_keep"]) <= TOL, f"rank {rank}"
+        for a, b in zip(res["resized"], ref["resized"]):
+            assert rel_err(a, b) <= TOL, f"rank {rank}: after resize_token_embeddings {rel_err(a, b):.2e}"
+        assert "no GatedDeltaNetCP model found in Linear" in res["no CP model"], res["no CP model"]
+        assert "different process groups" in res["two groups"], res["two groups"]

@@ -6,7 +6,8 @@ this test process imports FLA compiled. So the FLA side runs in spawned processe
 start with TRITON_INTERPRET=1 in their environment; references are computed here with the torch path.
 Checked: y, final state and the gradients of x, weight, bias and the halo / initial inputs (fp32,
 relative error <= 1e-5); the layer on P = 1 and P = 3 ranks with packed documents crossing rank
-boundaries (the halo wiring); the clear error when FLA was imported without the interpreter.
+boundaries (the halo wiring), and at P = 3 a CP continuation from a CP prefill's cache (the cached
+inputs in the halo); the clear error when FLA was imported without the interpreter.
 """
 from __future__ import annotations
 
@@ -125,6 +126,50 @@ def _decode_worker(seed):
     return x, torch.cat(outs, 1)
 
 
+# a CP prefill then a CP continuation from its cache: dense (zigzag at P=3: parts of ~1 token < W-1,
+# so the windows of the continuation's first tokens read the cache on several ranks) and packed
+CONTINUATION = {"dense": dict(B=2, cu0=[0, 9], cu1=[0, 7], layout="zigzag"),
+                "packed": dict(B=1, cu0=[0, 4, 11], cu1=[0, 2, 9], layout="contiguous")}
+
+
+def continuation_inputs(kind, seed):
+    c = CONTINUATION[kind]
+    from test_layer_cp import D
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(c["B"], c["cu0"][-1], D, generator=g), torch.randn(c["B"], c["cu1"][-1], D, generator=g)
+
+
+def continuation_reference(kind, seed):
+    """Each sequence of the prefill and its continuation in one pass of the torch-conv layer, one
+    process: the outputs of the prefill's and the continuation's tokens."""
+    c = CONTINUATION[kind]
+    x0, x1 = continuation_inputs(kind, seed)
+    layer, outs0, outs1 = make_layer(seed), [], []
+    with torch.no_grad():
+        for (s0, e0), (s1, e1) in zip(zip(c["cu0"], c["cu0"][1:]), zip(c["cu1"], c["cu1"][1:])):
+            o = layer(torch.cat([x0[:, s0:e0], x1[:, s1:e1]], 1))[0]
+            outs0.append(o[:, :e0 - s0])
+            outs1.append(o[:, e0 - s0:])
+    return torch.cat(outs0, 1), torch.cat(outs1, 1)
+
+
+def _continuation_worker(rank, world_size, kind, seed):
+    """The same on P ranks with the FLA conv: the continuation's halo holds the cached inputs."""
+    from fla.models.cache_utils import Cache
+
+    from fla_cp.ops import build_cp_context
+    c = CONTINUATION[kind]
+    x0, x1 = continuation_inputs(kind, seed)
+    layer, cache, outs = make_layer(seed, conv_backend="fla"), Cache(), []
+    with torch.no_grad():
+        for x, cu in ((x0, c["cu0"]), (x1, c["cu1"])):
+            ctx = build_cp_context(None, cu_seqlens=cu, layout=c["layout"]) if kind == "packed" else \
+                build_cp_context(None, seq_len=cu[-1], layout=c["layout"])
+            o = layer(ctx.shard(x, dim=1), cp_context=ctx, past_key_values=cache, use_cache=True)[0]
+            outs.append(ctx.unshard(o, dim=1))
+    return outs
+
+
 def layer_specs(P: int) -> list[tuple[str, str, int]]:
     return [(kind, layout, 500 + 10 * P + i) for i, (kind, layout) in enumerate(LAYER_SPECS[P])]
 
@@ -133,6 +178,9 @@ def _worker(rank, world_size, kernel_seed):
     """Everything on FLA's conv, interpreted: the kernel cases (one rank), the layer under CP and, on
     one rank, prefill + decode with the cache."""
     out = {"layer": _cp_worker(rank, world_size, layer_specs(world_size), dict(conv_backend="fla"))}
+    if world_size > 1:
+        out["continuation"] = {kind: _continuation_worker(rank, world_size, kind, 700 + i)
+                               for i, kind in enumerate(CONTINUATION)}
     if world_size == 1:
         out["kernel"] = (kernel_seed, [run_kernel_case(kernel_seed, case, "fla") for case in KERNEL_CASES])
         out["decode"] = _decode_worker(layer_specs(1)[0][2])
@@ -164,6 +212,11 @@ def test_layer_fla_conv_matches_torch_conv(P, request):
         assert rel_err(dx, rdx) <= TOL, f"{tag}: input grad {rel_err(dx, rdx):.2e}"
         for name, rg in rgrads.items():
             assert rel_err(grads[name], rg) <= TOL, f"{tag}: grad of {name} {rel_err(grads[name], rg):.2e}"
+    for i, kind in enumerate(result.get("continuation", {})):
+        # a CP continuation from the cache of a CP prefill == each sequence in one pass, torch conv
+        for name, got, ref in zip(("prefill", "continuation"), result["continuation"][kind],
+                                  continuation_reference(kind, 700 + i)):
+            assert rel_err(got, ref) <= TOL, f"fla conv P={P} {kind} {name}: {rel_err(got, ref):.2e}"
     if P == 1:   # decoding from FLA's-conv cache == one pass of the torch-conv layer
         x, decoded = result["decode"]
         assert rel_err(decoded, make_layer(specs[0][2])(x)[0].detach()) <= TOL

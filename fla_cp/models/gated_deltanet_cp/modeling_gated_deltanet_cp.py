@@ -39,7 +39,8 @@ Forward arguments beyond HF's:
                         CP rank computes the same loss and runs its backward (the backward is a
                         collective), i.e. after `sync_gradients` the gradient is the single-device
                         gradient of that loss (the mean of the ranks' losses). The same holds for the
-                        logits (and `labels` loss) of decode steps, which every rank runs in full.
+                        logits (and `labels` loss) of replicated forwards (decode steps, short inputs,
+                        see Generation), which every rank runs in full.
                         `out.hidden_states` (`output_hidden_states=True`) stay this rank's `[B, T_loc, D]`
                         either way; gather them with `model.build_cp_context(seq_len=T).unshard(h, dim=1)`.
     cp_context          a prebuilt `fla_cp.ops.CPContext` (saves rebuilding the split's host-side tables).
@@ -63,7 +64,11 @@ mask, labels, ...) and carries any rank's input error, so bad or mismatched inpu
 ValueError on every rank instead of hanging a later collective.
 
 Gradients: `sync_gradients(model)` sums `.grad` over the CP group and averages over the DP group (the
-DP average is the mean of per-replica losses, as with DDP). With a data-parallel wrapper instead:
+DP average is the mean of per-replica losses, as with DDP). `model` may be the user's own module holding
+the CP model (a projector, soft prompts): all its parameters are reduced. Until then `inputs_embeds.grad`
+and the gradients of every module upstream of the model are per-rank partial sums too (each rank's
+tokens only). `copy.deepcopy(model)` (EMA, reference models) shares the process groups with the
+original. With a data-parallel wrapper instead:
     - DDP: wrap with `process_group=` the flattened dp x cp group (the whole world for `init_cp_mesh`,
       or `mesh._flatten("dp_cp").get_group()`), and backpropagate `out.loss * model.cp_size`: DDP
       divides by dp*cp, the CP ranks' partial gradients must be summed, so the factor cp restores it.
@@ -71,10 +76,20 @@ DP average is the mean of per-replica losses, as with DDP). With a data-parallel
       `loss * cp_size` scaling (or `module.set_gradient_divide_factor(dp)` and no scaling; on gloo,
       which has no PREMUL_SUM, add `module.set_force_sum_reduction_for_comms(True)`).
 
-Generation: `model.generate(input_ids, max_new_tokens=..., do_sample=False)` on every rank of a CP group
-with the same prompt: the prefill runs with CP (the cache starts empty); the recurrent and conv states
-of every layer are gathered to all ranks, the last-position logits too, and decoding then runs the
-cached single-token steps replicated on every rank: all ranks return the same tokens as cp_size=1.
+Generation and caches: `model.generate(input_ids, max_new_tokens=..., do_sample=False)` on every rank of
+a CP group with the same prompt: the prefill runs with CP; the recurrent and conv states of every layer
+are gathered to all ranks (the cache is replicated), the last-position logits too, and decoding then
+runs the cached single-token steps replicated on every rank: all ranks return the same tokens as
+cp_size=1. Which forwards run CP is one rule (`runs_replicated`), with or without a cache: a call with
+at least as many new tokens as CP parts (cp_size, 2 x cp_size for zigzag) runs CP; a shorter one
+(decode steps, a BOS-only prompt, a short chunk) runs in full on every rank, exactly as cp_size=1 (its
+loss is the same global mean, and its gradients count once after `sync_gradients`). So a multi-token
+continuation from a non-empty cache (the next turn of a chat, `generate(..., past_key_values=cache)`,
+chunked prefill of a long prompt) runs CP too: every sequence starts from its cached recurrent state
+and its conv window reads the cached inputs, so each rank computes and stores only its shard. Pass
+`attention_mask` as generate does, `[B, past + T]` (or `[B, T]`); a packed continuation (`cu_seqlens`)
+continues each of its N sequences from its own cached state, so the cache must hold N (from a packed
+prefill of N sequences).
 With `do_sample=True` every CP rank first takes CP rank 0's RNG state, so all sample the tokens one
 device seeded like rank 0 would; a decode step fed different tokens on different ranks raises.
 
@@ -82,16 +97,19 @@ Gradient checkpointing (`gradient_checkpointing_enable()`) recomputes each block
 collectives included, the same way on every rank (the setting is part of the agreement check).
 
 Limits: hybrid configs with attention layers (`attn`) and `attnres_block_size` raise under CP>1
-(resp. always for attnres); the prompt/sequence must have at least as many tokens as CP parts.
+(resp. always for attnres). Pre-sharded inputs (`inputs_are_sharded`, `cp_context=`) always run CP, so
+their global length must give every CP part a token.
 """
 from __future__ import annotations
 
 import contextvars
+import copy
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from fla.layers.utils import get_layer_cache
 from fla.models.cache_utils import Cache
 from fla.models.gated_deltanet.modeling_gated_deltanet import GatedDeltaNetPreTrainedModel
 from fla.models.generation_utils import FLAUnsupportedCacheGenerationMixin
@@ -102,6 +120,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 
 from fla_cp.layers import GatedDeltaNetCP
 from fla_cp.layers.functional import gated_mlp, rms_norm
@@ -294,6 +313,19 @@ class GatedDeltaNetCPPreTrainedModel(GatedDeltaNetPreTrainedModel):
         _cp_config_in_kwargs(kwargs)
         return super()._from_config(kwargs.pop("config"), **kwargs)
 
+    def __deepcopy__(self, memo):
+        """A copy (an EMA or frozen reference model) shares this model's process groups: a group is a
+        handle to a communicator, which can't be copied (nor pickled), and the copy runs in the same
+        CP group. Everything else is copied as by the default deepcopy."""
+        for name in ("cp_group", "dp_group"):
+            group = self.__dict__.get(name)
+            if group is not None:
+                memo[id(group)] = group
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return copied
+
     def _setup_cp(self, config, device_mesh, cp_group):
         if not isinstance(config, GatedDeltaNetCPConfig):
             raise TypeError(f"{type(self).__name__} needs a GatedDeltaNetCPConfig, got {type(config).__name__}: "
@@ -370,8 +402,7 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
             except (TypeError, ValueError, RuntimeError, OverflowError):
                 pass    # left as given: the split's checks report it (on every CP rank, not just this one)
         # No collective before the check below: an error found on one rank must reach every rank.
-        cp, error = self._cp_context_for(input_ids, inputs_embeds, cu_seqlens, past_key_values,
-                                         inputs_are_sharded, cp_context)
+        cp, error = self._cp_context_for(input_ids, inputs_embeds, cu_seqlens, inputs_are_sharded, cp_context)
         error = error or self._shard_error(input_ids, inputs_embeds, cp, inputs_are_sharded)
         inputs = input_ids if input_ids is not None else inputs_embeds
         # what the ranks pass must agree (the length unless shards of a given split, which may differ)
@@ -381,7 +412,8 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
         if self.cp_size > 1 and error is None and input_ids is not None:
             # bad ids would raise in the embedding on one rank only and leave the others waiting in the
             # check; the content code catches ranks passing different "same" global batches
-            error, code = _token_ids_check(input_ids, self.vocab_size)
+            # the embedding's size now, not config.vocab_size: resize_token_embeddings changes it
+            error, code = _token_ids_check(input_ids, self.embeddings.num_embeddings)
             inputs_field[3] = code if not inputs_are_sharded else 0   # decode steps too: replicated
         if cp is not None and not inputs_are_sharded and error is None:
             input_ids = cp.shard(input_ids, dim=1) if input_ids is not None else None
@@ -415,7 +447,7 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
 
     def _agreement_fields(self) -> dict[str, list[int]]:
         """Model-level settings every CP rank must share (beyond what the first layer checks)."""
-        return {"layers, vocab": [len(self.layers), self.vocab_size],
+        return {"layers, vocab": [len(self.layers), self.embeddings.num_embeddings],
                 "gradient checkpointing (recomputes collectives in backward)":
                     [bool(self.gradient_checkpointing and self.training)]}
 
@@ -429,10 +461,13 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
         error = error or extra_error
         layer = self.layers[0].attn if len(self.layers) else None
         if error is None and cp is not None and layer is not None:
-            error = layer._cp_input_error(hidden_states, cp, attention_mask, None)
+            # (a continuation's cache: every layer's states come from the same prefill, one layer speaks for all)
+            error = layer._cp_input_error(hidden_states, cp, attention_mask,
+                                          get_layer_cache(module=layer, past_key_values=past_key_values))
         cache_len = _cache_length(past_key_values)
-        new_tokens = hidden_states.shape[1] if torch.is_tensor(hidden_states) and hidden_states.dim() > 1 else 0
-        fields = {"decode step (cache length, new tokens)": [cache_len, new_tokens if cache_len else 0],
+        new_tokens = cp.total_len if cp is not None else (
+            hidden_states.shape[1] if torch.is_tensor(hidden_states) and hidden_states.dim() > 1 else 0)
+        fields = {"continuation (cache length, new tokens)": [cache_len, new_tokens if cache_len else 0],
                   "input_ids (given, inputs_are_sharded, length along dim 1, content)": inputs_field,
                   **self._agreement_fields()}
         if layer is not None:
@@ -453,19 +488,32 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
             return f"{name} has shape {tuple(x.shape)}, expected {want} tokens ({what} sequence) along dim 1"
         return None
 
-    def _cp_context_for(self, input_ids, inputs_embeds, cu_seqlens, past_key_values, inputs_are_sharded,
-                        cp_context):
+    def _num_cp_parts(self) -> int:
+        return self.cp_size * (2 if self.config.cp_layout == "zigzag" else 1)
+
+    def runs_replicated(self, num_tokens: int, inputs_are_sharded: bool = False, cp_context=None) -> bool:
+        """Whether a forward of `num_tokens` new tokens (per row; packed: in total) skips the CP split and
+        runs in full on every CP rank: when the inputs are the full batch (not pre-sharded, no explicit
+        `cp_context`) and too short to give every CP part a token. That covers decode steps and short
+        prompts or continuation chunks, with or without a cache; everything longer runs CP, a
+        continuation from a cache included. Replicated results equal cp_size=1's, and their gradients
+        are scaled so that `sync_gradients` yields the single-device gradient (see `_replicated_grad`).
+        Every rank decides alike: the length, the flags and the context are in the agreement check."""
+        return (self.cp_size > 1 and not inputs_are_sharded and cp_context is None
+                and num_tokens < self._num_cp_parts())
+
+    def _cp_context_for(self, input_ids, inputs_embeds, cu_seqlens, inputs_are_sharded, cp_context):
         """(the CP split of this call or None, this rank's error or None); None without CP (cp_size 1) and
-        for decode steps after a CP prefill. Never communicates: the split's agreement is part of the
-        forward's one check (`_check_cp_forward`), so its errors are returned, not raised."""
+        for calls that run replicated (`runs_replicated`). Never communicates: the split's agreement is
+        part of the forward's one check (`_check_cp_forward`), so its errors are returned, not raised."""
         if self.cp_size == 1:
             if inputs_are_sharded:
                 raise ValueError("inputs_are_sharded=True needs cp_size > 1")
             return None, None
-        if _cache_length(past_key_values) > 0:
-            # decode: every rank holds the gathered states and runs the same replicated step
-            if inputs_are_sharded or cp_context is not None:
-                return None, "steps with a non-empty cache run replicated: pass full inputs, no cp_context"
+        name, x = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+        if x.dim() < 2:
+            return None, f"{name} must be [B, T{', D' if name == 'inputs_embeds' else ''}], got {tuple(x.shape)}"
+        if self.runs_replicated(x.shape[1], inputs_are_sharded, cp_context):
             return None, None
         if cp_context is not None:
             if cp_context.world_size != self.cp_size:
@@ -479,9 +527,6 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
                                         verify_agreement=False), None
             except ValueError as e:
                 return None, _build_error(e)
-        name, x = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
-        if x.dim() < 2:
-            return None, f"{name} must be [B, T{', D' if name == 'inputs_embeds' else ''}], got {tuple(x.shape)}"
         T = x.shape[1]
         try:
             ctx = build_cp_context(self.cp_group, seq_len=T * (self.cp_size if inputs_are_sharded else 1),
@@ -489,7 +534,7 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
         except ValueError as e:
             what = "this rank's shard" if inputs_are_sharded else "the sequence"
             return None, f"{name} has {T} tokens along dim 1 ({what}): {_build_error(e)}"
-        n_parts = self.cp_size * (2 if layout == "zigzag" else 1)
+        n_parts = self._num_cp_parts()
         if inputs_are_sharded and any(p.end - p.start != T * self.cp_size // n_parts for p in ctx.parts):
             return None, (f"{name} has {T} tokens along dim 1: with inputs_are_sharded=True and a dense batch "
                           f"whose length is not a multiple of the number of CP parts, pass "
@@ -538,6 +583,8 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
         self.criterion = None
         self.post_init()
 
+    # as FLA's other models: the old name of `logits_to_keep` (else it would vanish into **kwargs)
+    @deprecate_kwarg("num_logits_to_keep", version="4.50", new_name="logits_to_keep")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -570,7 +617,8 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
                 input_ids, inputs_embeds, labels, shift_labels, gathers, num_items_in_batch, inputs_are_sharded),
             **kwargs)
         hidden_states, cp = outputs.last_hidden_state, outputs.cp_context
-        # a decode step after a CP prefill runs in full on every CP rank: its gradients are replicated
+        # a call shorter than the CP split (decode steps too) runs in full on every CP rank: its
+        # gradients are replicated
         replicated = self.cp_size > 1 and cp is None
 
         loss, logits, fused_linear = None, None, False
@@ -672,7 +720,8 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
         for name, y in (("labels", labels), ("shift_labels", shift_labels)):
             if y is None:
                 continue
-            error, code = _labels_check(name, y, inputs, self.vocab_size, content=not inputs_are_sharded)
+            # lm_head's size now (resize_token_embeddings changes it)
+            error, code = _labels_check(name, y, inputs, self.lm_head.out_features, content=not inputs_are_sharded)
             if error:
                 return fields, error
             fields["labels content"] = [code]
@@ -719,12 +768,21 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
 def sync_gradients(model: nn.Module) -> None:
     """Make `.grad` the single-device gradient of the global batch on every rank.
 
-    Sums over the CP group (each rank holds its tokens' partial gradient) and averages over the DP group
-    when there is one. Call after `loss.backward()` on every rank; every rank must have gradients for the
-    same parameters. One flattened all-reduce per group.
+    `model` is a CP model or any module holding one (a user's wrapper with its own layers, DDP-like
+    wrappers): *every* parameter under `model` is reduced, over the CP group of the CP model(s) found
+    among `model.modules()` (summed: each rank holds its tokens' partial gradient) and averaged over
+    their DP group when there is one. Call after `loss.backward()` on every rank; every rank must have
+    gradients for the same parameters. One flattened all-reduce per group.
+
+    Until then, gradients that reach anything upstream of the CP model are per-rank partial sums too:
+    `inputs_embeds.grad` (the model shards the embeddings, so a rank's gradient is zero outside its
+    tokens) and the parameters of modules that compute those inputs (a projector, soft prompts); a
+    module applied to the model's local outputs likewise. Summing over the CP group makes them exact.
+    What the wrapper computes identically on every CP rank outside the model (e.g. a weight penalty
+    added to the loss) is summed cp_size times: scale such a term by `1 / cp_size`. The model's own
+    replicated computations (gathered logits, replicated forwards) already carry that factor.
     """
-    model = getattr(model, "module", model)           # unwrap DDP-like wrappers
-    cp_group, dp_group = getattr(model, "cp_group", None), getattr(model, "dp_group", None)
+    cp_group, dp_group = _groups_of(model)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return
@@ -735,3 +793,20 @@ def sync_gradients(model: nn.Module) -> None:
         comm.all_reduce_sum_(flat, dp_group).div_(dist.get_world_size(dp_group))
     for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
         g.copy_(synced)
+
+
+def _groups_of(model: nn.Module):
+    """(cp_group, dp_group) of the CP model(s) inside `model`: they must all share them. Raises when
+    torch.distributed runs more than one process and `model` holds no CP model (nothing would say
+    which group to reduce over, and silently skipping it leaves every rank with partial gradients)."""
+    found = {(id(m.cp_group), id(m.dp_group)): (m.cp_group, m.dp_group)
+             for m in model.modules() if isinstance(m, GatedDeltaNetCPPreTrainedModel) and hasattr(m, "cp_group")}
+    if len(found) > 1:
+        raise ValueError(f"sync_gradients: {type(model).__name__} holds CP models with different process groups; "
+                         f"call sync_gradients on each of them separately")
+    if not found:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError(f"sync_gradients: no GatedDeltaNetCP model found in {type(model).__name__} (searched "
+                             f"model.modules()), so no CP / DP group to reduce the gradients over")
+        return None, None
+    return next(iter(found.values()))
