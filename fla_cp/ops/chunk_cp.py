@@ -24,9 +24,9 @@ from torch.autograd.function import once_differentiable
 from fla_cp.ops import comm
 from fla_cp.ops.backends import get_backend
 from fla_cp.ops.backends.base import LocalBackend
-from fla_cp.ops.context import CPContext, build_cp_context, parts_of_rank
+from fla_cp.ops.context import CPContext, _boundaries, build_cp_context, parts_of_rank
 
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 256   # K only, as FLA's chunk kernels (and our summary kernels) hold K rows; V is tiled
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -295,9 +295,11 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _local_error(q, k, v, g, beta, cp: CPContext, initial_state, cu_seqlens, scale) -> str | None:
+def _local_error(q, k, v, g, beta, cp: CPContext, initial_state, cu_seqlens, scale, single: bool = False) -> str | None:
     """First problem with this rank's arguments, or None. Nothing here communicates and nothing
-    raises: a rank that raised before the agreement check would leave the others waiting in it."""
+    raises: a rank that raised before the agreement check would leave the others waiting in it.
+    `single`: no cp_context was passed (`cp` is the one-rank context built from q and `cu_seqlens`),
+    so messages speak of those rather than of a context the caller never saw."""
     named = dict(q=q, k=k, v=v, g=g, beta=beta)
     for name, x in named.items():
         if not torch.is_tensor(x):
@@ -323,14 +325,18 @@ def _local_error(q, k, v, g, beta, cp: CPContext, initial_state, cu_seqlens, sca
     for name in ("g", "beta"):
         if named[name].shape != (B, T, HV):
             return f"{name} has shape {tuple(named[name].shape)}; expected [B, T, HV] = [{B}, {T}, {HV}]"
-    if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
-        return f"head dims K={K}, V={V} exceed {MAX_HEAD_DIM}"
+    if K > MAX_HEAD_DIM:
+        return f"key head dim K={K} exceeds {MAX_HEAD_DIM} (the value head dim V is not limited)"
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
                               or not math.isfinite(scale)):
         return f"scale must be a finite number or None, got {scale!r}"
     if comm.world_size(cp.group) != cp.world_size:
         return (f"cp_context was built for {cp.world_size} ranks but its group has "
                 f"{comm.world_size(cp.group)}")
+    if single and T == 0:
+        return "q has no tokens"
+    if single and T != cp.local_len:
+        return f"cu_seqlens[-1]={cp.total_len} does not match q's length {T}"
     if T != cp.local_len:
         return (f"q holds {T} tokens but cp_context gives this rank {cp.local_len} "
                 f"(global length {cp.total_len}); shard inputs with cp_context.shard")
@@ -354,11 +360,15 @@ def _local_error(q, k, v, g, beta, cp: CPContext, initial_state, cu_seqlens, sca
     return None
 
 
-def _call_fields(cp: CPContext, ok: bool, q, v, initial_state, output_final_state, l2norm_qk, scale):
+def _call_fields(cp: CPContext, ok: bool, q, k, v, g, beta, initial_state, output_final_state, l2norm_qk, scale):
     """What every rank of a call must share: the state collectives' shapes follow from these, and the
     rest decides what they compute. With `ok` False (this rank's arguments are bad) the same fields
     hold zeros, so every rank still sends the same number of integers."""
     return {
+        # the backward is collective: a rank under no_grad while the others record a graph would
+        # leave them in its all_gather (or pair it with this rank's next collective)
+        "records a graph (grad mode on and an input requires grad; the backward is collective)":
+            [comm.records_graph(q, k, v, g, beta, initial_state) if ok else 0],
         "B/H/K/HV/V of q, k, v": [q.shape[0], q.shape[2], q.shape[3], v.shape[2], v.shape[3]] if ok else [0] * 5,
         "dtype and device type of q, k, v": [comm.dtype_code(q.dtype if ok else None),
                                              comm.dtype_code(q.device.type if ok else None)],
@@ -412,11 +422,13 @@ def chunk_cp_gated_delta_rule(
         use_qk_l2norm_in_kernel: l2-normalise q and k over the head dim first.
         backend: "auto" (triton on CUDA, torch elsewhere) | "torch" | "triton", or a backend object
             (`fla_cp.ops.backends`), e.g. `TritonBackend(local_kernels="fla")`.
-        verify_agreement: check that every rank passes the same shapes, dtype, flags and context
-            (one tiny all_gather) before the state collectives, so a mismatch raises instead of
-            hanging. False skips only that collective (this rank's own checks still run); for callers
-            that already checked agreement for the whole call, as `GatedDeltaNetCP` and the CP model
-            do once per layer / per forward.
+        verify_agreement: check that every rank passes the same shapes, dtype, flags and context, and
+            that all or none of them record a graph for the backward (one tiny all_gather), before the
+            state collectives, so a mismatch raises instead of hanging. False skips only that
+            collective (this rank's own checks still run); for callers that already checked agreement
+            for the whole call, as `GatedDeltaNetCP` and the CP model do once per layer / per forward.
+            Every rank must pass the same value: where they differ, the check meets a state collective
+            and raises "ranks are in different collectives" when the sizes match (gloo aborts otherwise).
 
     Returns:
         o `[B, T_loc, HV, V]` (q's dtype) and the final state (or None).
@@ -426,28 +438,36 @@ def chunk_cp_gated_delta_rule(
     gradient summed over the group (as `torch.distributed.nn.functional.all_gather` does). Local
     inputs get exactly their single-device gradients.
 
-    Bad input raises ValueError on every rank, naming the argument and the rank. Two mistakes cannot
-    be told to the other ranks, because they leave this rank without the group: `cp_context=None` or
-    a non-context on one rank only (that rank runs alone or raises TypeError; the others wait).
+    Bad input raises ValueError on every rank, naming the argument and the rank. Head dims: K <= 256
+    (FLA's chunk kernels hold K rows of the state); V is not limited. One mistake cannot be told to the
+    other ranks, because it leaves this rank without the group: `cp_context=None` or a non-context on
+    one rank only (that rank runs alone or raises TypeError; the others wait for it in the agreement
+    check).
 
     Backward is collective too: every rank of the group must backpropagate through this call's
-    outputs (a rank whose loss does not depend on them leaves the others waiting in the backward
-    all_gather; use `0 * o.sum()` there). Double backward is not supported and raises.
+    outputs. A rank that records no graph (under `no_grad`, or no input requires grad) while the
+    others do is caught in the forward's agreement check. A rank that records one but does not
+    backpropagate (its loss does not depend on the outputs; use `0 * o.sum()` there) leaves the others
+    in the backward all_gather: they wait, or, when that rank's next agreement check meets them there
+    with the same size, that rank raises "ranks are in different collectives" (the ranks in the
+    backward receive its vector as data and cannot tell). Double backward is not supported and raises.
     Compute is fp32 inside (states, summaries, chunk math) for fp32, bf16 and fp16 inputs; float64
     inputs are accepted but also computed in fp32. Autocast does not reach inside (as with FLA's
     kernels): under bf16 autocast the op computes what it computes on the same inputs without it.
     """
-    cp = cp_context
-    if cp is None:
+    cp, single = cp_context, cp_context is None
+    if single:
         T = q.shape[1] if torch.is_tensor(q) and q.ndim >= 2 else 0
-        cp = single_process_context(T, cu_seqlens)
+        cp, error = _single_process_context(T, cu_seqlens)
+        if error:
+            raise ValueError(f"chunk_cp_gated_delta_rule: {error}")
     elif not isinstance(cp, CPContext):
         # no group to tell the other ranks through: this rank raises alone (see the docstring)
         raise TypeError(f"chunk_cp_gated_delta_rule: cp_context must be a CPContext from build_cp_context, "
                         f"got {type(cp).__name__}")
     impl = None
     try:
-        error = _local_error(q, k, v, g, beta, cp, initial_state, cu_seqlens, scale)
+        error = _local_error(q, k, v, g, beta, cp, initial_state, cu_seqlens, scale, single)
         if error is None:
             output_final_state = _flag(output_final_state, "output_final_state")
             use_qk_l2norm_in_kernel = _flag(use_qk_l2norm_in_kernel, "use_qk_l2norm_in_kernel")
@@ -458,10 +478,11 @@ def chunk_cp_gated_delta_rule(
         error = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
     if not verify_agreement or cp.world_size == 1:
         if error:
-            raise ValueError(f"chunk_cp_gated_delta_rule: rank {cp.rank}: {error}")
+            where = "" if single else f"rank {cp.rank}: "
+            raise ValueError(f"chunk_cp_gated_delta_rule: {where}{error}")
     else:
-        comm.check_agreement(cp.group, error, _call_fields(cp, error is None, q, v, initial_state, output_final_state,
-                                                           use_qk_l2norm_in_kernel, scale),
+        comm.check_agreement(cp.group, error, _call_fields(cp, error is None, q, k, v, g, beta, initial_state,
+                                                           output_final_state, use_qk_l2norm_in_kernel, scale),
                              what="chunk_cp_gated_delta_rule")
 
     if use_qk_l2norm_in_kernel:
@@ -475,3 +496,12 @@ def single_process_context(T: int, cu_seqlens=None) -> CPContext:
     if cu_seqlens is None:
         return build_cp_context(None, seq_len=max(T, 1), _single=True)
     return build_cp_context(None, cu_seqlens=cu_seqlens, _single=True)
+
+
+def _single_process_context(T: int, cu_seqlens) -> tuple[CPContext | None, str | None]:
+    """`single_process_context`, or the problem with `cu_seqlens` worded for a call without CP."""
+    if cu_seqlens is not None:
+        _, error = _boundaries(None, cu_seqlens)
+        if error:
+            return None, error
+    return single_process_context(T, cu_seqlens), None

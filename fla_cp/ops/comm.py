@@ -1,8 +1,10 @@
 """The few collectives CP needs, written once.
 
 Under gloo, CUDA tensors are staged through host memory: gloo's CUDA support differs between
-collectives and versions, and everything sent here is small (states, not activations) except in
-`all_gather_varlen`, which only `CPContext.unshard` uses.
+collectives and versions, and what the operator sends is small (states, not activations). Only
+`CPContext.unshard` moves activation-sized data: `all_gather_varlen` forward and
+`reduce_scatter_varlen` backward (and the model's conv halo, a few tokens per rank, goes through
+`all_gather`).
 """
 from __future__ import annotations
 
@@ -53,6 +55,37 @@ def all_gather_varlen(t: torch.Tensor, sizes: list[int], group) -> list[torch.Te
         padded = torch.cat([t, t.new_zeros(max_len - t.shape[0], *t.shape[1:])])
     gathered = all_gather(padded, group)
     return [gathered[r, :n] for r, n in enumerate(sizes)]
+
+
+def reduce_scatter_varlen(pieces: list[torch.Tensor], group) -> torch.Tensor:
+    """Sum over the group of the pieces meant for each rank: rank r passes `pieces[j]` for every rank j
+    (first dim `n_j`, the same on every rank; other dims equal) and gets back the sum over ranks of their
+    `pieces[r]`. One reduce-scatter of pieces padded to the longest: each rank receives only its share,
+    where an all-reduce of the whole would move about twice the data and leave every rank the total."""
+    world, rank = world_size(group), (dist.get_rank(group) if group is not None else 0)
+    if world == 1:
+        return pieces[0].clone()
+    n = max(p.shape[0] for p in pieces)
+    tail = pieces[0].shape[1:]
+    staged = _needs_host_staging(pieces[0], group)
+    device = torch.device("cpu") if staged else pieces[0].device
+    send = torch.zeros(world, n, *tail, dtype=pieces[0].dtype, device=device)
+    for j, p in enumerate(pieces):
+        send[j, :p.shape[0]] = p
+    out = torch.empty(n, *tail, dtype=send.dtype, device=device)
+    # reduce_scatter_single is the current name (torch 2.13 deprecates reduce_scatter_tensor)
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    try:
+        reduce_scatter(out, send.view(world * n, *tail), group=group)
+    except (RuntimeError, NotImplementedError) as e:
+        # older gloo builds lack reduce-scatter: every rank fails alike before sending anything, so
+        # every rank falls back to the all-reduce
+        if "support" not in str(e).lower():
+            raise
+        dist.all_reduce(send, group=group)
+        out = send[rank]
+    out = out[:pieces[rank].shape[0]]
+    return out.to(pieces[0].device) if staged else out
 
 
 def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
@@ -146,27 +179,79 @@ def _to_int64(v) -> int:
     return v if -2 ** 63 <= v < 2 ** 63 else zlib.crc32(str(v).encode())
 
 
+def records_graph(*tensors) -> bool:
+    """Whether an op on `tensors` joins an autograd graph here (grad mode on and an input requires
+    grad): then its backward will run, and for a CP op that backward is a collective every rank of
+    the group must join. A cheap agreement field: a rank under `no_grad` while the others record a
+    graph raises in the forward instead of leaving them in a backward collective alone."""
+    return torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in tensors)
+
+
+# First slot of every agreement vector: a rank whose gathered row lacks it sent something else, i.e. it
+# is in another collective (a state all_gather) whose bytes happened to pair with this one.
+_AGREEMENT_TAG = 0x464C_4143_5041_4752   # "FLACPAGR"
+# Agreement vectors are padded to a multiple of this many int64 slots, so that the usual checks (far
+# fewer fields) all gather the same size: two ranks in different checks then meet in one all_gather
+# and the header tells them so, instead of gloo aborting on a size mismatch.
+_AGREEMENT_SLOTS = 64
+_NAME_SLOTS = 4   # the check's name, its first 32 bytes as text (for messages: another rank's name)
+_HEADER = 4 + _NAME_SLOTS   # tag, name code, name text, number of field values, error flag
+
+
+def _name_slots(what: str) -> list[int]:
+    raw = what.encode()[:8 * _NAME_SLOTS].ljust(8 * _NAME_SLOTS, b"\0")
+    return list(struct.unpack(f"<{_NAME_SLOTS}q", raw))
+
+
+def _slots_name(slots: list[int]) -> str:
+    return struct.pack(f"<{_NAME_SLOTS}q", *slots).rstrip(b"\0").decode(errors="replace")
+
+
 def check_agreement(group, local_error: str | None, fields: dict[str, list[int | float]], what: str) -> None:
     """Raise the same ValueError on every rank if any rank found bad input or ranks disagree.
 
-    One tiny int64 all_gather carries an error flag plus each field's values; the messages of the
-    failing ranks travel only when something is wrong. Floats travel as their exact bits (no rounding:
-    0.0 and 1e-12 differ). Call it before any collective whose shapes depend on the checked fields, so
-    bad input never turns into a hang.
+    One tiny int64 all_gather carries a header (a tag, the check's name, the number of values, an error
+    flag) plus each field's values, padded to a fixed size; the messages of the failing ranks travel only
+    when something is wrong. Floats travel as their exact bits (no rounding: 0.0 and 1e-12 differ).
+    Call it before any collective whose shapes depend on the checked fields, so bad input never turns
+    into a hang.
+
+    Ranks out of step (one skipped a backward, or passed `verify_agreement` differently, so this
+    all_gather meets another collective on some rank): when the sizes happen to match, a gathered row
+    without the tag, or from another check, raises "ranks are in different collectives" on the ranks
+    that see it (the rank in the other collective receives this vector as its data and cannot tell);
+    when they differ, gloo aborts or the collective hangs, which no check can prevent.
     """
     rank = dist.get_rank(group) if group is not None else 0
     if world_size(group) == 1:
         if local_error:
             raise ValueError(f"{what}: rank {rank}: {local_error}")
         return
-    flat = [1 if local_error else 0] + [_to_int64(v) for vals in fields.values() for v in vals]
+    values = [_to_int64(v) for vals in fields.values() for v in vals]
+    flat = [_AGREEMENT_TAG, zlib.crc32(what.encode()), *_name_slots(what), len(values), 1 if local_error else 0]
+    flat += values
+    flat += [0] * (-len(flat) % _AGREEMENT_SLOTS)
     gathered = all_gather(torch.tensor(flat, dtype=torch.long, device=collective_device(group)), group).cpu()
-    if gathered[:, 0].any():
+    stray = (gathered[:, 0] != _AGREEMENT_TAG).nonzero().flatten().tolist()
+    if stray:
+        raise ValueError(f"{what}: rank {rank}: ranks are in different collectives (a rank skipped the "
+                         f"backward, or verify_agreement differs between ranks): rank {stray[0]} sent "
+                         f"something other than an agreement check")
+    count = _HEADER - 2
+    other = ((gathered[:, 1] != gathered[0, 1]) | (gathered[:, count] != gathered[0, count])).nonzero()
+    if other.numel():
+        r = int(other[0])
+        names = [_slots_name(gathered[i, 2:count].tolist()) for i in (0, r)]
+        raise ValueError(f"{what}: rank {rank}: ranks are in different collectives (a rank skipped the "
+                         f"backward, or verify_agreement differs between ranks): rank 0 is in {names[0]}'s "
+                         f"agreement check with {int(gathered[0, count])} values, rank {r} in {names[1]}'s "
+                         f"with {int(gathered[r, count])}")
+    if gathered[:, _HEADER - 1].any():
         messages = [None] * dist.get_world_size(group)
         dist.all_gather_object(messages, local_error, group=group)
         bad = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m)
         raise ValueError(f"{what}: {bad}")
-    offset = 1
+    offset = _HEADER
     for name, vals in fields.items():
         cols = gathered[:, offset:offset + len(vals)]
         offset += len(vals)

@@ -114,7 +114,7 @@ class CPContext:
             return x.narrow(dim, s, e - s)
         return x.index_select(dim, self._local_index(x.device))
 
-    def unshard(self, x: torch.Tensor, dim: int = 1, grad: str = "sum") -> torch.Tensor:
+    def unshard(self, x: torch.Tensor, dim: int = 1, grad: str = "sum", verify_agreement: bool = True) -> torch.Tensor:
         """All-gather local shards back into global order, on every rank.
 
         Differentiable (every rank must then run the backward: it is a collective). `grad` says how the
@@ -126,13 +126,49 @@ class CPContext:
                     counts once. Anything replicated after the gather (a projection applied to the
                     gathered tensor on every rank) then still holds the full gradient on every rank,
                     and needs its own 1/world_size.
+        The backward is one reduce-scatter: each rank receives only its own slice of that sum.
+
+        verify_agreement: first check (one tiny all_gather) that every rank passes the same dims other
+            than `dim`, dtype, device type, `grad` and context, and that all or none record a graph
+            for the backward, so a mismatch raises ValueError on every rank instead of aborting gloo or
+            gathering garbage. False skips that collective, for callers whose own agreement check
+            already covers the tensor (this rank's own errors still raise, on this rank only).
         """
-        if grad not in ("sum", "mean"):
-            raise ValueError(f"unshard: grad must be 'sum' or 'mean', got {grad!r}")
-        if x.shape[dim] != self.local_len:
-            raise ValueError(f"rank {self.rank}: unshard expects {self.local_len} local tokens along dim "
-                             f"{dim}, got {tuple(x.shape)}")
+        error = _unshard_error(self, x, dim, grad)
+        if verify_agreement and self.world_size > 1:
+            ok = error is None
+            ndim = x.ndim if ok else 0
+            d = dim % ndim if ok else 0
+            # the shape with the gathered dim blanked, in a fixed number of slots (so that every rank
+            # sends as many values whatever its ndim)
+            shape = [n if i != d else -1 for i, n in enumerate(x.shape)] if ok else []
+            shape = (shape + [0] * 8)[:8] if len(shape) <= 8 else [-2, _checksum([n + 1 for n in shape])] + [0] * 6
+            fields = {
+                "ndim and gathered dim": [ndim, d],
+                "shape (gathered dim as -1)": shape,
+                "dtype and device type": [comm.dtype_code(x.dtype if ok else None),
+                                          comm.dtype_code(x.device.type if ok else None)],
+                "grad ('mean')": [grad == "mean"],
+                "records a graph (the backward is collective)": [comm.records_graph(x) if ok else 0],
+                "cp_context (world size, layout, cu_seqlens)": self.fingerprint(),
+            }
+            comm.check_agreement(self.group, error, fields, what="CPContext.unshard")
+        elif error:
+            raise ValueError(f"CPContext.unshard: rank {self.rank}: {error}")
         return _Unshard.apply(x, self, dim, grad == "mean")
+
+
+def _unshard_error(cp: CPContext, x, dim, grad) -> str | None:
+    """This rank's problem with an unshard call, or None; nothing here communicates or raises."""
+    if grad not in ("sum", "mean"):
+        return f"grad must be 'sum' or 'mean', got {grad!r}"
+    if not torch.is_tensor(x):
+        return f"x must be a tensor, got {type(x).__name__}"
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.ndim <= dim < x.ndim:
+        return f"dim must be an int in [-{x.ndim}, {x.ndim}) for x of shape {tuple(x.shape)}, got {dim!r}"
+    if x.shape[dim] != cp.local_len:
+        return f"expects {cp.local_len} local tokens along dim {dim}, got shape {tuple(x.shape)}"
+    return None
 
 
 class _Unshard(torch.autograd.Function):
@@ -158,11 +194,19 @@ class _Unshard(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         cp = ctx.cp
-        if cp.world_size > 1:
-            grad = comm.all_reduce_sum(grad.contiguous(), cp.group)   # a fresh buffer (host-staged on gloo)
-            if ctx.mean:
-                grad.div_(cp.world_size)
-        return cp.shard(grad, ctx.dim), None, None, None
+        if cp.world_size == 1:
+            return grad, None, None, None
+        # rank r keeps only its own tokens of the summed gradient: send each rank its slice of ours
+        grad = grad.movedim(ctx.dim, 0)
+        pieces = []
+        for r in range(cp.world_size):
+            js = parts_of_rank(cp.layout, r, cp.world_size)
+            pieces.append(torch.cat([grad[cp.parts[j].start:cp.parts[j].end] for j in js]) if len(js) > 1
+                          else grad[cp.parts[js[0]].start:cp.parts[js[0]].end])
+        local = comm.reduce_scatter_varlen(pieces, cp.group)   # a fresh buffer
+        if ctx.mean:
+            local.div_(cp.world_size)
+        return local.movedim(0, ctx.dim), None, None, None
 
 
 # -------------------------------------------------------------------- building

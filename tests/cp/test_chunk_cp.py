@@ -224,3 +224,22 @@ def test_autocast_does_not_reach_inside_the_op():
     for (name, tol), a, b, c in zip(tols.items(), single, plain, cp):
         assert torch.equal(a, b), f"{name}: autocast changed the single-process result (seed={seed})"
         assert rel_err(c, a) <= tol, f"{name}: CP vs one process under autocast {rel_err(c, a):.2e} (seed={seed})"
+
+
+# V is not limited (FLA limits only K <= 256): FLA's default GatedDeltaNetConfig and our `base` preset
+# have V = 512. Short sequences keep the fp64 naive reference cheap.
+WIDE_V_CASES = [
+    dict(name="wide_v_dense", B=1, T=23, H=1, HV=2, K=16, V=512, h0=True, final=True),
+    dict(name="wide_v_packed_zigzag", cu=[0, 9, 30], H=1, HV=1, K=8, V=300, h0=True, final=True, layout="zigzag"),
+]
+
+
+@pytest.mark.timeout(240)
+def test_value_head_dim_over_256():
+    """V = 512 (and an odd 300) on 2 ranks vs one process and naive: once refused as 'head dims exceed 256'."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    got = run_ranks(_cp_worker, 2, (WIDE_V_CASES, seed))[0]
+    for case, res in zip(WIDE_V_CASES, got):
+        label = f"{case['name']} seed={seed}"
+        assert_close(res, run_case(case, seed), label + " vs single process")
+        assert_close(res, naive_case(case, seed), label + " vs naive")

@@ -144,6 +144,17 @@ def case_build_huge_seq_len_on_one_rank(rank):
     build_cp_context(None, seq_len=2 ** 63 if rank == 1 else T)
 
 
+def case_no_grad_on_one_rank(rank):
+    # rank 1 would skip the backward all_gather the others enter: caught in the forward instead
+    x = {n: t.requires_grad_() for n, t in _inputs().items()}
+    with torch.set_grad_enabled(rank != 1):
+        _call(rank, x, build_cp_context(None, seq_len=T))
+
+
+def case_key_head_dim_over_256(rank):
+    _call(rank, _inputs(K=264), build_cp_context(None, seq_len=T))
+
+
 # case -> words the message must contain
 CASES = {
     case_k_shape_on_one_rank: ["rank 1", "k has shape"],
@@ -172,6 +183,8 @@ CASES = {
     case_flag_array_on_one_rank: ["rank 1", "output_final_state must be a bool"],
     case_meta_device_on_one_rank: ["dtype and device type", "differs between ranks", "'cpu'", "'meta'"],
     case_build_huge_seq_len_on_one_rank: ["cu_seqlens/seq_len/layout", "differs between ranks"],
+    case_no_grad_on_one_rank: ["records a graph", "differs between ranks", "rank 0 has [1], rank 1 has [0]"],
+    case_key_head_dim_over_256: ["K=264 exceeds 256", "rank 0", "rank 1"],
 }
 
 
@@ -231,3 +244,108 @@ def test_double_backward_raises_instead_of_a_wrong_answer():
     (dq,) = torch.autograd.grad(o.square().sum(), x["q"], create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         dq.sum().backward()
+
+
+def test_single_process_messages_speak_of_the_call():
+    """Without cp_context the messages name q and cu_seqlens, not a context the caller never built."""
+    x = _inputs(T_loc=100)
+    args = [x[n] for n in ("q", "k", "v", "g", "beta")]
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\]=99 does not match q's length 100") as e:
+        chunk_cp_gated_delta_rule(*args, cu_seqlens=torch.tensor([0, 50, 99]))
+    assert "cp_context" not in str(e.value) and "rank" not in str(e.value)
+    with pytest.raises(ValueError, match="q has no tokens") as e:
+        chunk_cp_gated_delta_rule(*(a[:, :0] for a in args))
+    assert "cp_context" not in str(e.value)
+    with pytest.raises(ValueError, match="strictly increasing") as e:
+        chunk_cp_gated_delta_rule(*args, cu_seqlens=torch.tensor([0, 50, 50, 100]))
+    assert "build_cp_context" not in str(e.value)
+    with pytest.raises(ValueError, match="key head dim K=264 exceeds 256"):
+        chunk_cp_gated_delta_rule(*(a[:, :8] for a in _inputs(T_loc=8, K=264).values()))
+    # V is not limited: FLA's default GatedDeltaNet has V = 512
+    y = _inputs(T_loc=8, K=16, V=512)
+    o, _ = chunk_cp_gated_delta_rule(y["q"], y["k"], y["v"], y["g"], y["beta"], backend="torch")
+    assert o.shape == (1, 8, 2, 512)
+
+
+def _triton_off_cuda_worker(rank, world_size):
+    messages = []
+    for backends in (("triton", "triton"), ("torch", "triton")):
+        try:
+            _call(rank, _inputs(), build_cp_context(None, seq_len=T), backend=backends[rank])
+            messages.append(None)
+        except ValueError as e:
+            messages.append(str(e))
+    o, _ = _call(rank, _inputs(), build_cp_context(None, seq_len=T), backend="torch")   # still in step
+    return messages, tuple(o.shape)
+
+
+@pytest.mark.timeout(200)
+def test_triton_backend_off_cuda_without_interpreter(monkeypatch):
+    """backend='triton' on CPU tensors with our kernels compiled (TRITON_INTERPRET unset when they were
+    imported) raises on every rank before any collective; it once raised '0 active drivers' on one rank
+    inside the summary while another waited in the summary all_gather."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # the spawned ranks import our kernels afresh
+    for rank, (messages, shape) in enumerate(run_ranks(_triton_off_cuda_worker, P, (), timeout=150)):
+        assert shape == (1, T // P, 2, 8)
+        for msg, bad in zip(messages, ("rank 0", "rank 1")):
+            assert msg is not None, f"rank {rank} raised nothing"
+            for words in (bad, "backend='triton' needs CUDA tensors", "TRITON_INTERPRET=1", "backend='torch'"):
+                assert words in msg, f"{words!r} not in rank {rank}'s message: {msg}"
+        assert "rank 0" not in messages[1]   # only rank 1 asked for triton there
+
+
+def _out_of_step_worker(rank, world_size):
+    """Two ways for ranks to fall out of step. HV=2, K=V=8, B=1: the state all_gathers carry 128 fp32,
+    as many bytes as the op's agreement vector (64 int64), so gloo pairs them instead of aborting."""
+    torch.manual_seed(0)
+    x = {n: t.requires_grad_() for n, t in _inputs(HV=2).items()}
+    ctx = build_cp_context(None, seq_len=T)
+    seen = []
+    # verify_agreement on rank 0 only: its check meets rank 1's summary all_gather
+    try:
+        _call(rank, x, ctx, verify_agreement=rank == 0)
+        seen.append(None)
+    except ValueError as e:
+        seen.append(str(e))
+    # rank 1 records a graph but skips the backward: its next check meets rank 0's backward all_gather
+    o, _ = _call(rank, x, ctx)
+    try:
+        if rank == 0:
+            o.square().sum().backward()
+        else:
+            _call(rank, x, ctx)
+        seen.append(None)
+    except ValueError as e:
+        seen.append(str(e))
+    return seen
+
+
+@pytest.mark.timeout(120)
+def test_ranks_in_different_collectives_are_told():
+    """A gathered row without the agreement tag raises on the rank that sees it, instead of reporting
+    garbage field differences (the rank in the state collective receives the vector as data)."""
+    (verify0, skip0), (verify1, skip1) = run_ranks(_out_of_step_worker, P, (), timeout=100)
+    for msg, rank in ((verify0, 0), (skip1, 1)):
+        assert msg is not None and "ranks are in different collectives" in msg, msg
+        assert f"rank {rank}:" in msg and "skipped the backward" in msg and "differs" not in msg.split(":")[1], msg
+    assert verify1 is None and skip0 is None
+
+
+def _different_checks_worker(rank, world_size):
+    ctx = build_cp_context(None, seq_len=T)
+    try:
+        if rank == 0:
+            ctx.unshard(torch.zeros(1, ctx.local_len, 3), dim=1)
+        else:
+            _call(rank, _inputs(), ctx)
+    except ValueError as e:
+        return str(e)
+
+
+def test_ranks_in_different_agreement_checks():
+    """Agreement vectors have a fixed size: two ranks in different checks meet and say so, rather than
+    gloo aborting on a size mismatch."""
+    for rank, msg in enumerate(run_ranks(_different_checks_worker, P, (), timeout=100)):
+        assert msg is not None and "ranks are in different collectives" in msg, msg
+        assert "rank 0 is in CPContext.unshard's agreement check" in msg, msg
+        assert "rank 1 in chunk_cp_gated_delta_rule's" in msg, msg

@@ -284,6 +284,11 @@ def _worker_mismatch(rank, world):
         res["decode token differs"] = error_of(
             lambda: model(ids[:, 8:9] if rank == 0 else ids[:, 9:10], past_key_values=cache, use_cache=True))
         res["generate differs"] = error_of(lambda: model.generate(ids[:, :8], max_new_tokens=3 + rank, do_sample=False))
+    # one rank under no_grad while the other records a graph: its backward would wait alone
+    model.train()
+    with torch.set_grad_enabled(rank == 0):
+        res["grad mode differs"] = error_of(lambda: model(ids, labels=labels_of(ids)))
+    with torch.no_grad():
         # and the group still works afterwards
         res["after"] = model(ids, gather_logits=True).logits
     return res
@@ -403,6 +408,7 @@ def test_one_rank_mismatch_raises_everywhere():
                             "num_items_in_batch (given, value) differs", "labels vs shift_labels":
                             "shift_labels given", "mask differs": "attention_mask (given, content) differs",
                             "generate differs": "max_new_tokens differs",
+                            "grad mode differs": "records a graph (grad mode on, parameters or inputs requiring grad)",
                             "decode token differs": "length along dim 1, content) differs"}.items():
             assert words in res[case], f"rank {rank}, {case}: {res[case]}"
     assert torch.equal(results[0]["after"], results[1]["after"])

@@ -85,10 +85,17 @@ def test_op_fla_kernels_interpreted(world_size):
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="FLA's kernels run compiled on a GPU")
-def test_triton_backend_fla_needs_interpreter():
-    """FLA imported without TRITON_INTERPRET cannot run on CPU: a clear error, not a Triton driver trace.
-    A fresh interpreter, since this process imported FLA's kernels interpreted (`load_kernels`)."""
-    code = textwrap.dedent("""
+@pytest.mark.parametrize("fla_first", [False, True])
+def test_triton_backend_fla_needs_interpreter(fla_first):
+    """Kernels imported without TRITON_INTERPRET cannot run on CPU: a clear ValueError from the op's own
+    checks (before any collective), not a Triton driver trace. Ours compiled: the triton backend's
+    message; ours interpreted but FLA's compiled (`fla_first`): the one for local_kernels='fla'.
+    A fresh interpreter, since this process imported the kernels interpreted (`load_kernels`)."""
+    code = textwrap.dedent(f"""
+        import os
+        if {fla_first}:
+            import fla.ops.common.chunk_delta_h   # FLA's kernels decorated compiled
+            os.environ["TRITON_INTERPRET"] = "1"  # ours interpreted
         import torch
         from fla_cp.ops import chunk_cp_gated_delta_rule
         from fla_cp.ops.backends.triton_backend import TritonBackend
@@ -99,8 +106,27 @@ def test_triton_backend_fla_needs_interpreter():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
-    assert "RuntimeError: TritonBackend(local_kernels='fla') off CUDA" in run.stderr, run.stderr[-2000:]
-    assert "TRITON_INTERPRET=1 before FLA is first imported" in run.stderr
+    assert "ValueError: chunk_cp_gated_delta_rule: " in run.stderr, run.stderr[-2000:]
+    if fla_first:
+        assert "TritonBackend(local_kernels='fla') off CUDA" in run.stderr, run.stderr[-2000:]
+        assert "TRITON_INTERPRET=1 before FLA is first imported" in run.stderr
+    else:
+        assert "backend='triton' needs CUDA tensors (got cpu)" in run.stderr, run.stderr[-2000:]
+
+
+WIDE_V = [dict(name="wide_v", cu=[0, 40, 100], H=1, HV=2, K=16, V=512, h0=True, final=True)]
+
+
+@pytest.mark.timeout(300)
+def test_op_triton_wide_values():
+    """V = 512 (FLA's default GatedDeltaNet) with the triton backend on 2 ranks (our summary kernels
+    interpreted on CPU) vs the torch backend on one process and naive: once refused for V > 256."""
+    seed = torch.randint(0, 2**31 - 1, ()).item()
+    with interpret_env():
+        (res,) = run_ranks(_triton_worker, 2, (WIDE_V, seed))[0]
+    label = f"triton P=2 V=512 seed={seed}"
+    assert_close(res, run_case(WIDE_V[0], seed, "torch"), label + " vs torch single process")
+    assert_close(res, naive_case(WIDE_V[0], seed), label + " vs naive")
 
 
 def test_op_triton_single_process():

@@ -153,6 +153,106 @@ def test_backend_matches_torch_backend():
     assert ours.summarize(p_ours, [], True).shape == (0, 4, 64, 32 + 64)
 
 
+def test_backend_wide_values_match_torch_backend():
+    """V = 512 (FLA's default GatedDeltaNet, our `base` preset): V is tiled over column blocks, only K is
+    limited. Summaries of the triton backend (our kernels) vs the torch backend, and vs the reference."""
+    q, k, v, g, beta, do, cu = _inputs(1, 2, 16, 512, [70, 9], True, seed=5)
+    scale = 16 ** -0.5
+    ref_fwd, ref_bwd = _reference(q, k, v, g, beta, do, cu, [0, 1], scale)
+    q, k, v, g, beta, do, cu = (x.to(DEVICE) for x in (q, k, v, g, beta, do, cu))
+    ours, theirs = TritonBackend(), TorchBackend()
+    p_ours, p_theirs = ours.prepare(q, k, v, g, beta, cu, scale), theirs.prepare(q, k, v, g, beta, cu, scale)
+    tol = TOL if DEVICE == "cpu" else 2e-3
+    a, b = ours.summarize(p_ours, [0, 1], True), theirs.summarize(p_theirs, [0, 1], True)
+    assert a.shape == (2, 2, 16, 512 + 16) and _rel(a, b) <= tol, _rel(a, b)
+    _check(a, ref_fwd, 512, True, "fwd V=512")
+    a, b = ours.state_grad(p_ours, do, [0, 1], True), theirs.state_grad(p_theirs, do, [0, 1], True)
+    assert a.shape == (2, 2, 16, 512 + 16) and _rel(a, b) <= tol, _rel(a, b)
+    _check(a, ref_bwd, 512, True, "bwd V=512")
+
+
+def test_chunk_size_must_be_a_power_of_two_at_least_16():
+    """48 used to fail inside the kernel ('arange's range must be a power of 2'), 8 ran in the
+    interpreter only (tl.dot needs blocks >= 16 when compiled)."""
+    for bad in (48, 8, 0, 64.0, True):
+        with pytest.raises(ValueError, match="chunk_size must be a power of two >= 16"):
+            TritonBackend(chunk_size=bad)
+    q, k, v, g, beta, do, cu = _inputs(1, 1, 16, 16, [50], False, seed=0)
+    gl, w, u = wy_prep_torch(k, v, g, beta, cu, 16)
+    with pytest.raises(ValueError, match="power of two >= 16, got 48"):
+        chunk_summary_fwd(k, w, u, gl, cu, [0], True, chunk_size=48)
+    assert TritonBackend(chunk_size=16).chunk_size == 16
+
+
+# One program of each kernel reads a segment whose last chunks sit past 2^31 elements of u / do
+# (token x HV x V: the int32 products once wrapped there, from ~262K tokens of one segment at HV=32,
+# V=256). The tensors are lazily mapped zeros: only the pages the program reads cost memory. The
+# zero head leaves the state as it is (k = w = u = q = 0, g = 0), so the summary must equal that of
+# the tail alone.
+_HUGE_OFFSETS = """
+import mmap, sys
+import torch
+torch.set_num_threads(1)
+from fla_cp.ops.triton import chunk_summary as cs
+from fla_cp.ops.triton.utils import FP32_DOT_PRECISION
+from fla_cp.utils.triton_interpreter import fix_scalar_index
+assert cs.chunk_summary_fwd_kernel.__class__.__name__ == "InterpretedFunction"
+fix_scalar_index()
+H, HV, K, V, BT, BV = 1, 1024, 16, 256, 64, 32
+TAIL = 2 * BT
+T = 2 ** 31 // (HV * V) + TAIL
+
+def zeros(*shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return torch.frombuffer(mmap.mmap(-1, n * 4), dtype=torch.float32, count=n).view(*shape)
+
+gen = torch.Generator().manual_seed(0)
+big = dict(q=zeros(1, T, H, K), k=zeros(1, T, H, K), w=zeros(1, T, HV, K), u=zeros(1, T, HV, V),
+           g=zeros(1, T, HV), do=zeros(1, T, HV, V))
+tail = {n: torch.zeros(1, TAIL, *x.shape[2:]) for n, x in big.items()}
+for n, x in tail.items():   # head 0 only: the one program launched reads nothing else
+    if n == "g":            # a chunk-local cumsum of log-decays, log2 units
+        x[0, :, 0] = -(torch.rand(TAIL, generator=gen) * 0.1).view(-1, BT).cumsum(-1).view(-1)
+    else:
+        x[0, :, 0] = torch.randn(TAIL, *x.shape[3:], generator=gen)
+    big[n][0, T - TAIL:, 0] = x[0, :, 0]
+
+def first_block(kernel, out_name, names, inputs, length):
+    out = torch.zeros(1, HV, K, V)
+    extra = dict(scale=0.5) if out_name == "gm" else {}
+    kernel[(1, 1)](**{n: inputs[n] for n in names}, **extra, **{out_name: out}, cu_seqlens=torch.tensor([0, length]),
+                   seg_ids=torch.tensor([0], dtype=torch.int32), H=H, HV=HV, K=K, V=V, W=V, BT=BT, BK=16, BV=BV,
+                   IS_M=False, FP32_STATE=True, PRECISION=FP32_DOT_PRECISION)
+    return out[0, 0, :, :BV]
+
+for kernel, out_name, names in ((cs.chunk_summary_fwd_kernel, "hm", "kwug"),
+                                (cs.chunk_summary_bwd_kernel, "gm", ("q", "k", "w", "g", "do"))):
+    a, b = first_block(kernel, out_name, names, big, T), first_block(kernel, out_name, names, tail, TAIL)
+    assert b.abs().max() > 0
+    err = ((a - b).norm() / b.norm()).item()
+    assert err < 1e-6, (out_name, err)
+print("OK")
+"""
+
+
+@pytest.mark.timeout(300)
+def test_summary_kernels_offsets_past_int32():
+    """Token offsets times row strides are taken in int64 (in the interpreter, as compiled: its int32
+    arithmetic wraps the same way). A fresh interpreted process on CPU tensors, on any machine."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    run = subprocess.run([sys.executable, "-c", _HUGE_OFFSETS], env=env, capture_output=True, text=True, timeout=280)
+    if "Cannot allocate memory" in run.stderr:
+        pytest.skip("cannot map 9 GB of lazily allocated zeros here")
+    assert run.returncode == 0 and "OK" in run.stdout, (run.returncode, run.stderr[-3000:])
+
+
 def test_summary_composes_across_a_split():
     """Cutting one sequence in two and composing the halves' summaries gives the whole one's:
     H = M2 H1 + H2, M = M2 M1 forward; G = G1 + M1ᵀ G2 backward (the folds of DESIGN.md §2-3)."""

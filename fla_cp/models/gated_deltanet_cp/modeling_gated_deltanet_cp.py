@@ -469,6 +469,9 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
             hidden_states.shape[1] if torch.is_tensor(hidden_states) and hidden_states.dim() > 1 else 0)
         fields = {"continuation (cache length, new tokens)": [cache_len, new_tokens if cache_len else 0],
                   "input_ids (given, inputs_are_sharded, length along dim 1, content)": inputs_field,
+                  # a rank under no_grad would leave the others alone in the backward's collectives
+                  "records a graph (grad mode on, parameters or inputs requiring grad)":
+                      [comm.records_graph(hidden_states, *self.parameters())],
                   **self._agreement_fields()}
         if layer is not None:
             fields.update(layer.agreement_fields(hidden_states, cp, attention_mask, use_cache))
@@ -644,7 +647,8 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
             # global logits and computes the same loss on them: the gather's backward sums the ranks'
             # (equal) gradients and `_replicated_grad` divides by P, so after `sync_gradients` that
             # loss counts once (lm_head, applied on every rank, gets 1/P of its gradient per rank too).
-            hidden_states = cp.unshard(hidden_states, dim=1)
+            # (the forward's check has compared the split, batch, dtype and grad mode: no second check)
+            hidden_states = cp.unshard(hidden_states, dim=1, verify_agreement=False)
             replicated, logits = True, None
         if logits is None and not (fused_linear and not gathers):
             # (else the loss's logits are the ones to return: no second projection)

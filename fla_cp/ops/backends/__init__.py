@@ -11,15 +11,24 @@ _CONTRACT = ("prepare", "kept", "summarize", "forward", "state_grad", "backward"
 
 def get_backend(name, device: torch.device):
     """The backend called `name`; "auto" is triton on CUDA and torch elsewhere. A backend object
-    (see `base.LocalBackend`, e.g. `TritonBackend(chunk_size=64, local_kernels="fla")`) is used as is."""
+    (see `base.LocalBackend`, e.g. `TritonBackend(chunk_size=64, local_kernels="fla")`) is used as is.
+
+    A backend may define `check_device(device)`, raising ValueError when it cannot run on `device`:
+    called here, on this rank's inputs' device, so that the op reports it in its agreement check
+    before any collective instead of failing inside one."""
     if not isinstance(name, str) and all(hasattr(name, m) for m in _CONTRACT):
-        return name
-    if name not in BACKENDS:
+        backend = name
+    elif name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or an object with the methods {_CONTRACT} "
                          f"(fla_cp.ops.backends.base), got {name!r}")
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
-    if name == "torch":
-        return TorchBackend()
-    from fla_cp.ops.backends.triton_backend import TritonBackend
-    return TritonBackend()
+    else:
+        if name == "auto":
+            name = "triton" if device.type == "cuda" else "torch"
+        if name == "torch":
+            return TorchBackend()
+        from fla_cp.ops.backends.triton_backend import TritonBackend
+        backend = TritonBackend()
+    check = getattr(backend, "check_device", None)
+    if check is not None:
+        check(device)
+    return backend

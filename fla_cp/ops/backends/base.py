@@ -32,6 +32,13 @@ Methods (all fp32 in the state dimensions, whatever the input dtype):
     backward(prep, h0, do, dht) -> (dq, dk, dv, dg, dbeta, dh0)
         The ordinary chunk backward with per-segment initial states `h0` and end-state gradients
         `dht` ([S, HV, K, V] or None); dh0 is [S, HV, K, V] fp32.
+
+Optional:
+
+    check_device(device) -> None
+        Raise ValueError if the backend cannot run on `device` (the triton backend off CUDA without
+        Triton's interpreter). `get_backend` calls it, so the op reports the problem in its agreement
+        check, on every rank, before any collective.
 """
 from __future__ import annotations
 

@@ -65,6 +65,19 @@ def wy_prep_torch(k, v, g, beta, cu_seqlens, chunk_size: int = CHUNK):
 LOCAL_KERNELS = ('auto', 'fla', 'torch')
 
 
+def _interpreted_error(device: torch.device) -> str | None:
+    """Why our summary kernels cannot run on `device`, or None: off CUDA they run only in Triton's
+    interpreter, chosen when they are decorated (when `fla_cp.ops.triton` is first imported)."""
+    if device.type == 'cuda':
+        return None
+    from fla_cp.ops.triton.chunk_summary import chunk_summary_fwd_kernel
+    from fla_cp.utils.triton_interpreter import is_interpreted
+    if is_interpreted(chunk_summary_fwd_kernel):
+        return None
+    return (f"backend='triton' needs CUDA tensors (got {device.type}), or TRITON_INTERPRET=1 set before "
+            "fla_cp's Triton kernels are first imported (tests); use backend='torch'")
+
+
 def _check_fla_interpreted():
     """FLA's kernels off CUDA only run in Triton's interpreter, which is chosen when they are imported."""
     from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_kernel_h_blockdim64 as kernel
@@ -85,6 +98,11 @@ class TritonBackend:
     def __init__(self, chunk_size: int = CHUNK, local_kernels: str = 'auto'):
         if local_kernels not in LOCAL_KERNELS:
             raise ValueError(f"local_kernels must be one of {LOCAL_KERNELS}, got {local_kernels!r}")
+        # FLA's chunk kernels take 16, 32 or 64; tl.arange (ours and theirs) needs a power of two, and
+        # tl.dot blocks of at least 16
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 16 \
+                or chunk_size & (chunk_size - 1):
+            raise ValueError(f"TritonBackend: chunk_size must be a power of two >= 16, got {chunk_size!r}")
         self.chunk_size = chunk_size
         self.local_kernels = local_kernels
         self._torch = None
@@ -102,6 +120,18 @@ class TritonBackend:
         if self.local_kernels == 'fla' and not x.is_cuda:
             _check_fla_interpreted()
         return self.local_kernels == 'fla'
+
+    def check_device(self, device: torch.device) -> None:
+        """Refuse a device our kernels cannot run on (called by `get_backend`, so the op reports it in
+        its agreement check, before any collective)."""
+        error = _interpreted_error(device)
+        if error is None and self.local_kernels == 'fla' and device.type != 'cuda':
+            try:
+                _check_fla_interpreted()
+            except RuntimeError as e:
+                error = str(e)
+        if error:
+            raise ValueError(error)
 
     # -- contract -------------------------------------------------------------------------------
     def kept(self, prep: TritonPrep) -> tuple:

@@ -59,11 +59,15 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _chunk_gate(g, i_t, T, HV: tl.constexpr, BT: tl.constexpr):
-    """Token offsets/mask of chunk i_t, its gate cumsum, and the cumsum at its last valid token."""
+    """Token offsets/mask of chunk i_t, its gate cumsum, and the cumsum at its last valid token.
+
+    Offsets stay int32 (a token index within one segment) but every product with a row stride is
+    taken in int64: tokens x HV x V passes 2^31 at ~262K tokens of one segment with HV=32, V=256
+    (FLA's block pointers likewise compute offsets with int64 strides)."""
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
-    b_g = tl.load(g + o_t * HV, mask=m_t, other=0.).to(tl.float32)
-    b_g_last = tl.load(g + (tl.minimum((i_t + 1) * BT, T) - 1) * HV).to(tl.float32)
+    b_g = tl.load(g + o_t.to(tl.int64) * HV, mask=m_t, other=0.).to(tl.float32)
+    b_g_last = tl.load(g + (tl.minimum((i_t + 1) * BT, T) - 1).to(tl.int64) * HV).to(tl.float32)
     return o_t, m_t, b_g, b_g_last
 
 
@@ -71,14 +75,16 @@ def _chunk_gate(g, i_t, T, HV: tl.constexpr, BT: tl.constexpr):
 def _tokens_by_features(p, r0, o_t, m_t, stride, K: tl.constexpr, BK: tl.constexpr):
     """[BT, BK] tile of a token-major head view (row stride `stride`): feature rows r0 .. r0+BK."""
     o_k = r0 + tl.arange(0, BK)
-    return tl.load(p + o_t[:, None] * stride + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.)
+    return tl.load(p + o_t[:, None].to(tl.int64) * stride + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :],
+                   other=0.)
 
 
 @triton.jit
 def _features_by_tokens(p, r0, o_t, m_t, stride, K: tl.constexpr, BK: tl.constexpr):
     """The transposed tile, [BK, BT]."""
     o_k = r0 + tl.arange(0, BK)
-    return tl.load(p + o_k[:, None] + o_t[None, :] * stride, mask=(o_k < K)[:, None] & m_t[None, :], other=0.)
+    return tl.load(p + o_k[:, None] + o_t[None, :].to(tl.int64) * stride, mask=(o_k < K)[:, None] & m_t[None, :],
+                   other=0.)
 
 
 @triton.jit
@@ -123,8 +129,8 @@ def _forward_chain(k, w, u, g, T, o_c, H: tl.constexpr, HV: tl.constexpr, K: tl.
         if IS_M:
             b_v = tl.full([BT, BV], 0., dtype=tl.float32)
         else:
-            b_v = tl.load(u + o_t[:, None] * (HV * V) + o_c[None, :], mask=m_t[:, None] & (o_c < V)[None, :],
-                          other=0.).to(tl.float32)
+            b_v = tl.load(u + o_t[:, None].to(tl.int64) * (HV * V) + o_c[None, :],
+                          mask=m_t[:, None] & (o_c < V)[None, :], other=0.).to(tl.float32)
         b_v -= _dot(_tokens_by_features(w, 0, o_t, m_t, HV * K, K, BK), b_h1, EXACT, PRECISION)
         if K > BK:
             b_v -= _dot(_tokens_by_features(w, BK, o_t, m_t, HV * K, K, BK), b_h2, EXACT, PRECISION)
@@ -165,7 +171,8 @@ def _g_chain(q, k, w, g, do, T, o_c, scale, H: tl.constexpr, HV: tl.constexpr, K
     b_dh4 = tl.full([BK, BV], 0., dtype=tl.float32)
     for i_t in range((T + BT - 1) // BT - 1, -1, -1):
         o_t, m_t, b_g, b_g_last = _chunk_gate(g, i_t, T, HV, BT)
-        b_do = tl.load(do + o_t[:, None] * (HV * V) + o_c[None, :], mask=m_t[:, None] & (o_c < V)[None, :], other=0.)
+        b_do = tl.load(do + o_t[:, None].to(tl.int64) * (HV * V) + o_c[None, :], mask=m_t[:, None] & (o_c < V)[None, :],
+                       other=0.)
 
         # k qᵀ and k dh, summed over the row blocks
         b_k = _tokens_by_features(k, 0, o_t, m_t, H * K, K, BK)
@@ -302,9 +309,11 @@ def _block_k(K: int) -> int:
     return min(64, max(16, triton.next_power_of_2(K)))
 
 
-def _check_k(K: int):
+def _check_k(K: int, chunk_size: int):
     if K > MAX_K:
         raise ValueError(f"fla_cp's summary kernels take head dims K <= {MAX_K} (as FLA's chunk kernels), got K={K}")
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):   # tl.arange needs a power of two, tl.dot >= 16
+        raise ValueError(f"fla_cp's summary kernels take a chunk size that is a power of two >= 16, got {chunk_size}")
 
 
 def _grid(n: int, HV: int, columns: int):
@@ -327,7 +336,7 @@ def _summaries(launch, out: str, segments, with_m: bool, H: int, HV: int, K: int
                **inputs) -> torch.Tensor:
     """Allocate the `[n, HV, K, V (+K)]` fp32 summaries (kernel argument `out`) and fill them: one
     launch for the H / G columns, one more for the M columns when `with_m`."""
-    _check_k(K)
+    _check_k(K, chunk_size)
     n, device = len(segments), inputs['k'].device
     result = torch.empty(n, HV, K, V + K if with_m else V, dtype=torch.float32, device=device)
     if n == 0:
