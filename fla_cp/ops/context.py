@@ -271,6 +271,8 @@ def build_cp_context(
         cu_seqlens: packed input: global boundaries `[N+1]` of N sequences (batch must be 1).
             Must be identical on every rank (checked with one small collective).
         layout: "contiguous" (rank r holds one slice) or "zigzag" (2P parts; r holds r and 2P-1-r).
+            Every part must hold a token: the global length must be at least P (contiguous) or 2P
+            (zigzag); shorter input raises.
         verify_agreement: check (one tiny all_gather) that every rank describes the same split, so a
             mismatch raises ValueError on every rank instead of hanging a later collective. False skips
             that collective for callers that fold `CPContext.fingerprint()` into a check of their own;
