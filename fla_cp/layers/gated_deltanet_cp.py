@@ -197,20 +197,20 @@ class GatedDeltaNetCP(GatedDeltaNet):
         return None
 
     def _cache_error(self, last_state, N: int, packed: bool) -> str | None:
-        """Why this layer's cache can't start a CP continuation of N sequences, or None."""
+        """Why this layer's cache can't continue N sequences (a CP continuation or a replicated step), or None."""
         what = f"one per packed sequence (N={N})" if packed else f"one per row (B={N})"
         state = last_state.get('recurrent_state')
         want = (N, self.num_v_heads, self.head_k_dim, self.head_v_dim)
         if state is not None and (not torch.is_tensor(state) or tuple(state.shape) != want):
             got = tuple(state.shape) if torch.is_tensor(state) else type(state).__name__
-            return (f"a CP continuation needs the cache to hold {what} recurrent states {list(want)}, got {got}"
+            return (f"a continuation needs the cache to hold {what} recurrent states {list(want)}, got {got}"
                     + ("; a packed continuation continues each sequence of its cu_seqlens from its own cached "
                        "state (the cache of a packed prefill with as many sequences)" if packed else ""))
         conv = last_state.get('conv_state') if self.use_short_conv else None
         if conv is not None:
             shapes = [tuple(c.shape) if torch.is_tensor(c) else None for c in conv]
             if len(shapes) != 3 or any(sh is None or sh[0] != N or sh[-1] != self.conv_size for sh in shapes):
-                return (f"a CP continuation needs the cache to hold {what} conv states [N, D, {self.conv_size}], "
+                return (f"a continuation needs the cache to hold {what} conv states [N, D, {self.conv_size}], "
                         f"got {shapes}")
         return None
 
@@ -340,12 +340,17 @@ class GatedDeltaNetCP(GatedDeltaNet):
         """
         S = len(cp.segments)
         n_rows = B if not cp.packed else cp.num_seqs
-        out = final.new_zeros(n_rows, *final.shape[1:])
-        final = final.view(B, S, *final.shape[1:])
+        dest, src = [], []      # (sequence, row of `final`) for each sequence that ends on this rank
         for i, s in enumerate(cp.segments):
             if s.ends_seq:
-                if cp.packed:
-                    out[s.seq] = final[0, i]
-                else:
-                    out[:] = final[:, i]
-        return comm.all_reduce_sum(out, cp.group) if cp.world_size > 1 else out.detach()
+                pairs = [(s.seq, i)] if cp.packed else [(b, b * S + i) for b in range(B)]
+                dest += [d for d, _ in pairs]
+                src += [r for _, r in pairs]
+        as_index = lambda rows: torch.tensor(rows, dtype=torch.long, device=final.device)  # noqa: E731
+        # index_add, not item assignment: the result joins the graph on every rank, also on one that ends
+        # no sequence, so that every rank takes part in the all-reduce's backward
+        out = final.new_zeros(n_rows, *final.shape[1:])
+        out = out.index_add(0, as_index(dest), final.index_select(0, as_index(src)))
+        # differentiable, as the recurrent final state is: a continuation trained through an undetached
+        # cache (backprop through time) sends its conv windows' gradient back to the owning rank's inputs
+        return comm.all_reduce_sum_differentiable(out, cp.group) if cp.world_size > 1 else out

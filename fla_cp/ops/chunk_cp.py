@@ -473,7 +473,7 @@ def chunk_cp_gated_delta_rule(
             use_qk_l2norm_in_kernel = _flag(use_qk_l2norm_in_kernel, "use_qk_l2norm_in_kernel")
             if scale is None:
                 scale = q.shape[-1] ** -0.5
-            impl = get_backend(backend, q.device)
+            impl = get_backend(backend, q.device, cp.world_size)
     except Exception as e:  # noqa: BLE001 - whatever fails here must reach the other ranks, not strand them
         error = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
     if not verify_agreement or cp.world_size == 1:

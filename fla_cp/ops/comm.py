@@ -98,6 +98,29 @@ def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
     return buf.to(t.device) if staged else buf
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the group into a tensor every rank holds; the backward sums the ranks' gradients (each
+    rank's loss used its own copy), as `torch.distributed.nn.functional.all_reduce` does, with gloo's
+    host staging of CUDA tensors."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        return all_reduce_sum(t, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_sum(grad.contiguous(), ctx.group), None
+
+
+def all_reduce_sum_differentiable(t: torch.Tensor, group) -> torch.Tensor:
+    """`all_reduce_sum` that autograd goes through (its backward is a collective too: every rank of the
+    group must backpropagate through the result, as through any CP output)."""
+    if world_size(group) == 1 or not (torch.is_grad_enabled() and t.requires_grad):
+        return all_reduce_sum(t, group)
+    return _AllReduceSum.apply(t, group)
+
+
 def all_reduce_sum_(t: torch.Tensor, group) -> torch.Tensor:
     """Sum over the group in place, for a contiguous buffer the caller owns (a flattened gradient):
     no copy beyond gloo's host staging of CUDA tensors."""
@@ -194,7 +217,7 @@ _AGREEMENT_TAG = 0x464C_4143_5041_4752   # "FLACPAGR"
 # fewer fields) all gather the same size: two ranks in different checks then meet in one all_gather
 # and the header tells them so, instead of gloo aborting on a size mismatch.
 _AGREEMENT_SLOTS = 64
-_NAME_SLOTS = 4   # the check's name, its first 32 bytes as text (for messages: another rank's name)
+_NAME_SLOTS = 8   # the check's name, its first 64 bytes as text (for messages: another rank's name)
 _HEADER = 4 + _NAME_SLOTS   # tag, name code, name text, number of field values, error flag
 
 
@@ -235,7 +258,8 @@ def check_agreement(group, local_error: str | None, fields: dict[str, list[int |
     stray = (gathered[:, 0] != _AGREEMENT_TAG).nonzero().flatten().tolist()
     if stray:
         raise ValueError(f"{what}: rank {rank}: ranks are in different collectives (a rank skipped the "
-                         f"backward, or verify_agreement differs between ranks): rank {stray[0]} sent "
+                         f"backward, verify_agreement differs between ranks, or ranks called different "
+                         f"functions): rank {stray[0]} sent "
                          f"something other than an agreement check")
     count = _HEADER - 2
     other = ((gathered[:, 1] != gathered[0, 1]) | (gathered[:, count] != gathered[0, count])).nonzero()
@@ -243,7 +267,8 @@ def check_agreement(group, local_error: str | None, fields: dict[str, list[int |
         r = int(other[0])
         names = [_slots_name(gathered[i, 2:count].tolist()) for i in (0, r)]
         raise ValueError(f"{what}: rank {rank}: ranks are in different collectives (a rank skipped the "
-                         f"backward, or verify_agreement differs between ranks): rank 0 is in {names[0]}'s "
+                         f"backward, verify_agreement differs between ranks, or ranks called different "
+                         f"functions): rank 0 is in {names[0]}'s "
                          f"agreement check with {int(gathered[0, count])} values, rank {r} in {names[1]}'s "
                          f"with {int(gathered[r, count])}")
     if gathered[:, _HEADER - 1].any():

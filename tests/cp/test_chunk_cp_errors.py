@@ -276,6 +276,11 @@ def _triton_off_cuda_worker(rank, world_size):
         except ValueError as e:
             messages.append(str(e))
     o, _ = _call(rank, _inputs(), build_cp_context(None, seq_len=T), backend="torch")   # still in step
+    # one process's call runs no summary kernel: triton computes it locally with torch, as always
+    x = _inputs(T_loc=T)
+    single = [chunk_cp_gated_delta_rule(*x.values(), backend=b, cu_seqlens=torch.tensor([0, 5, T]))[0]
+              for b in ("triton", "torch")]
+    assert torch.equal(single[0], single[1]), "backend='triton' on one process off CUDA differs from torch"
     return messages, tuple(o.shape)
 
 
@@ -283,7 +288,8 @@ def _triton_off_cuda_worker(rank, world_size):
 def test_triton_backend_off_cuda_without_interpreter(monkeypatch):
     """backend='triton' on CPU tensors with our kernels compiled (TRITON_INTERPRET unset when they were
     imported) raises on every rank before any collective; it once raised '0 active drivers' on one rank
-    inside the summary while another waited in the summary all_gather."""
+    inside the summary while another waited in the summary all_gather. A one-process call, which runs no
+    summary kernel, still works there."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # the spawned ranks import our kernels afresh
     for rank, (messages, shape) in enumerate(run_ranks(_triton_off_cuda_worker, P, (), timeout=150)):
         assert shape == (1, T // P, 2, 8)

@@ -173,3 +173,32 @@ def test_shorter_than_cp_parts_runs_replicated(state):
         assert rel_err(res["logits"], ref["logits"]) <= TOL, f"rank {rank}: logits"
         for n, g in ref["grads"].items():
             assert rel_err(res["grads"][n], g) <= TOL, f"rank {rank}: grad of {n} {rel_err(res['grads'][n], g):.2e}"
+
+
+# ------------------------------------------------------------ backprop through an undetached cache
+def _through_cache(model, sync):
+    """Train on two chunks with the first chunk's cache not detached (truncated BPTT over two chunks):
+    the second chunk's loss reaches the first chunk's parameters through the cached recurrent state
+    and through the cached conv inputs, both of which a CP prefill gathers from the ranks that own them."""
+    model.train()
+    ids = ids_of(2, 30, seed=11)
+    first = model(ids[:, :13], labels=ids[:, :13], use_cache=True)
+    second = model(ids[:, 13:], labels=ids[:, 13:], past_key_values=first.past_key_values, use_cache=True)
+    (first.loss + second.loss).backward()
+    sync(model)
+    return {"loss": (first.loss + second.loss).detach(),
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+
+
+def _worker_through_cache(rank, world, state, layout):
+    return _through_cache(make_model(state, cp_size=world, cp_layout=layout), sync_gradients)
+
+
+@pytest.mark.parametrize("world, layout", [(2, "contiguous"), (3, "zigzag")])
+def test_backprop_through_an_undetached_cache(state, world, layout):
+    ref = _through_cache(make_model(state, cp_layout=layout), lambda m: None)
+    for rank, res in enumerate(run_ranks(_worker_through_cache, world, args=(state, layout), timeout=300)):
+        assert rel_err(res["loss"], ref["loss"]) <= TOL, f"rank {rank}: loss"
+        for n, g in ref["grads"].items():
+            err = rel_err(res["grads"][n], g)
+            assert err <= TOL, f"rank {rank}: grad of {n} through the cache: {err:.2e}"

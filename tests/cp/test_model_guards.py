@@ -279,6 +279,9 @@ def _worker_mismatch(rank, world):
         mask = torch.ones_like(ids)
         mask[0, :2 + rank] = 0
         res["mask differs"] = error_of(lambda: model(ids, attention_mask=mask))
+        # a replicated step whose cache holds another batch on one rank: it raised there only
+        cache = single(ids[:1 + rank, :6], use_cache=True).past_key_values
+        res["cache rows differ"] = error_of(lambda: model(ids[:1, 6:7], past_key_values=cache, use_cache=True))
         # a decode step fed a different token on one rank (ranks whose sampling diverged)
         cache = model(ids[:, :8], use_cache=True).past_key_values
         res["decode token differs"] = error_of(
@@ -408,6 +411,7 @@ def test_one_rank_mismatch_raises_everywhere():
                             "num_items_in_batch (given, value) differs", "labels vs shift_labels":
                             "shift_labels given", "mask differs": "attention_mask (given, content) differs",
                             "generate differs": "max_new_tokens differs",
+                            "cache rows differ": "rank 1: a continuation needs the cache to hold one per row (B=1)",
                             "grad mode differs": "records a graph (grad mode on, parameters or inputs requiring grad)",
                             "decode token differs": "length along dim 1, content) differs"}.items():
             assert words in res[case], f"rank {rank}, {case}: {res[case]}"
@@ -490,6 +494,15 @@ def _worker_wrapping(rank, world, state):
     both = torch.nn.ModuleList([make_model(state, cp_size=world),
                                 GatedDeltaNetCPForCausalLM(GatedDeltaNetCPConfig(**TINY), cp_group=other)])
     res["two groups"] = error_of(lambda: sync_gradients(both))
+    # ranks holding gradients for different (same-sized) parameters: the flattened buffers would
+    # misalign silently (q's gradient summed into k's), or abort gloo when the sizes differ
+    model = make_model(state, cp_size=world).train()
+    model(ids_of(2, 20), labels=labels_of(ids_of(2, 20))).loss.backward()
+    attn = model.model.layers[0].attn
+    (attn.q_proj if rank == 0 else attn.k_proj).weight.grad = None
+    res["grads differ"] = error_of(lambda: sync_gradients(model))
+    model.lm_head.weight.grad = None if rank == 1 else model.lm_head.weight.grad
+    res["grad count differs"] = error_of(lambda: sync_gradients(model))
     return res
 
 
@@ -507,3 +520,5 @@ def test_wrapper_sync_deepcopy_resize_num_logits_to_keep():
             assert rel_err(a, b) <= TOL, f"rank {rank}: after resize_token_embeddings {rel_err(a, b):.2e}"
         assert "no GatedDeltaNetCP model found in Linear" in res["no CP model"], res["no CP model"]
         assert "different process groups" in res["two groups"], res["two groups"]
+        for case in ("grads differ", "grad count differs"):
+            assert "sync_gradients: parameters with a gradient (count, which) differs" in res[case], res[case]

@@ -425,7 +425,7 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
             # One agreement check for the whole forward, prefill or decode (every layer's collectives
             # follow from it); the split and the layers then skip theirs.
             self._check_cp_forward(hidden_states, cp, attention_mask, use_cache, past_key_values, error,
-                                   _cp_check_extra, inputs_field)
+                                   _cp_check_extra, inputs_field, cu_seqlens)
 
         all_hidden_states = () if output_hidden_states else None
         for layer in self.layers:
@@ -452,7 +452,7 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
                     [bool(self.gradient_checkpointing and self.training)]}
 
     def _check_cp_forward(self, hidden_states, cp, attention_mask, use_cache, past_key_values, error, extra,
-                          inputs_field):
+                          inputs_field, cu_seqlens=None):
         """The forward's one collective before any other (cp_size > 1): raises the same ValueError on every
         CP rank when any rank found bad input (`error`, `extra`'s error, the first layer's input checks)
         or the ranks disagree (decode vs prefill, split, batch, mask, labels, ...). Decode steps run it
@@ -460,10 +460,16 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
         extra_fields, extra_error = extra or ({}, None)
         error = error or extra_error
         layer = self.layers[0].attn if len(self.layers) else None
+        last_state = get_layer_cache(module=layer, past_key_values=past_key_values) if layer is not None else None
         if error is None and cp is not None and layer is not None:
             # (a continuation's cache: every layer's states come from the same prefill, one layer speaks for all)
-            error = layer._cp_input_error(hidden_states, cp, attention_mask,
-                                          get_layer_cache(module=layer, past_key_values=past_key_values))
+            error = layer._cp_input_error(hidden_states, cp, attention_mask, last_state)
+        elif error is None and last_state is not None and torch.is_tensor(hidden_states):
+            # a replicated step (decode, short chunk): a cache that doesn't fit would raise in the layer on
+            # this rank only, after the others had passed this check
+            packed = torch.is_tensor(cu_seqlens) and cu_seqlens.dim() == 1
+            error = layer._cache_error(last_state, cu_seqlens.numel() - 1 if packed else hidden_states.shape[0],
+                                       packed)
         cache_len = _cache_length(past_key_values)
         new_tokens = cp.total_len if cp is not None else (
             hidden_states.shape[1] if torch.is_tensor(hidden_states) and hidden_states.dim() > 1 else 0)
@@ -776,7 +782,8 @@ def sync_gradients(model: nn.Module) -> None:
     wrappers): *every* parameter under `model` is reduced, over the CP group of the CP model(s) found
     among `model.modules()` (summed: each rank holds its tokens' partial gradient) and averaged over
     their DP group when there is one. Call after `loss.backward()` on every rank; every rank must have
-    gradients for the same parameters. One flattened all-reduce per group.
+    gradients for the same parameters (checked first: otherwise every rank raises). One tiny agreement
+    all_gather and one flattened all-reduce per group.
 
     Until then, gradients that reach anything upstream of the CP model are per-rank partial sums too:
     `inputs_embeds.grad` (the model shards the embeddings, so a rank's gradient is zero outside its
@@ -787,7 +794,16 @@ def sync_gradients(model: nn.Module) -> None:
     replicated computations (gathered logits, replicated forwards) already carry that factor.
     """
     cp_group, dp_group = _groups_of(model)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    params = list(model.parameters())
+    has_grad = [p.grad is not None for p in params]
+    grads = [p.grad for p, has in zip(params, has_grad) if has]
+    # the flattened buffers must line up: a rank missing one gradient would abort gloo, or sum one
+    # parameter's gradient into another's of the same size (one tiny all_gather per group)
+    which = {"parameters with a gradient (count, which)":
+             [len(grads), comm.content_code(torch.tensor(has_grad, dtype=torch.long))]}
+    for group in (cp_group, dp_group):
+        if group is not None and dist.get_world_size(group) > 1:
+            comm.check_agreement(group, None, which, what="sync_gradients")
     if not grads:
         return
     flat = _flatten_dense_tensors(grads)                   # a fresh buffer: reduced in place

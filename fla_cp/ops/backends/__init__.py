@@ -9,13 +9,13 @@ BACKENDS = ("auto", "torch", "triton")
 _CONTRACT = ("prepare", "kept", "summarize", "forward", "state_grad", "backward")
 
 
-def get_backend(name, device: torch.device):
+def get_backend(name, device: torch.device, world_size: int = 1):
     """The backend called `name`; "auto" is triton on CUDA and torch elsewhere. A backend object
     (see `base.LocalBackend`, e.g. `TritonBackend(chunk_size=64, local_kernels="fla")`) is used as is.
 
-    A backend may define `check_device(device)`, raising ValueError when it cannot run on `device`:
-    called here, on this rank's inputs' device, so that the op reports it in its agreement check
-    before any collective instead of failing inside one."""
+    A backend may define `check_device(device, world_size)`, raising ValueError when it cannot run a
+    call of `world_size` ranks on `device`: called here, on this rank's inputs' device, so that the op
+    reports it in its agreement check before any collective instead of failing inside one."""
     if not isinstance(name, str) and all(hasattr(name, m) for m in _CONTRACT):
         backend = name
     elif name not in BACKENDS:
@@ -30,5 +30,5 @@ def get_backend(name, device: torch.device):
         backend = TritonBackend()
     check = getattr(backend, "check_device", None)
     if check is not None:
-        check(device)
+        check(device, world_size)
     return backend

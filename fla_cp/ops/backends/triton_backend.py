@@ -121,10 +121,11 @@ class TritonBackend:
             _check_fla_interpreted()
         return self.local_kernels == 'fla'
 
-    def check_device(self, device: torch.device) -> None:
+    def check_device(self, device: torch.device, world_size: int = 1) -> None:
         """Refuse a device our kernels cannot run on (called by `get_backend`, so the op reports it in
-        its agreement check, before any collective)."""
-        error = _interpreted_error(device)
+        its agreement check, before any collective). Our summary kernels run only for a group of
+        several ranks: one rank's call off CUDA computes locally with the torch backend, as it always has."""
+        error = _interpreted_error(device) if world_size > 1 else None
         if error is None and self.local_kernels == 'fla' and device.type != 'cuda':
             try:
                 _check_fla_interpreted()
