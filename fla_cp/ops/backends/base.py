@@ -37,8 +37,9 @@ Optional:
 
     check_device(device, world_size) -> None
         Raise ValueError if the backend cannot run a call of `world_size` ranks on `device` (the triton
-        backend's summary kernels off CUDA without Triton's interpreter, for world_size > 1). `get_backend` calls it, so the op reports the problem in its agreement
-        check, on every rank, before any collective.
+        backend's summary kernels off CUDA without Triton's interpreter, for world_size > 1).
+        `get_backend` calls it, so the op reports the problem in its agreement check, on every rank,
+        before any collective.
 """
 from __future__ import annotations
 
