@@ -190,7 +190,9 @@ class GatedDeltaNetCP(GatedDeltaNet):
                 return (f"attention_mask must be a [B, T] 0/1 padding mask, global [{B}, {cp.total_len}] or "
                         f"this rank's [{B}, {T}] (or [{B}, past + {cp.total_len}] after a cache), got "
                         f"{tuple(attention_mask.shape)}")
-            error = self._padding_mask_error(attention_mask)      # a longer mask: holes across the past too
+            # a longer mask: only this call's columns, as one process reads them (a hole in the past, e.g.
+            # a right-padded prefill, is already in the cache)
+            error = self._padding_mask_error(attention_mask[:, -cp.total_len:] if longer else attention_mask)
             if error and attention_mask.shape[1] < cp.total_len:
                 error += " (positions within this rank's shard of the row)"
             return error

@@ -46,11 +46,13 @@ def ids_of(B, T, seed=0):
 
 
 # ------------------------------------------------------------------------------------ continuation
-# (name, layout, B, prefill length T0, continuation length T1, left padding of row 0, packed)
+# (name, layout, B, prefill length T0, continuation length T1, padding of row 0 (left; < 0: right), packed)
 CASES = [
     ("dense", "contiguous", 1, 10, 13, 0, False),
     ("left-padded batch", "contiguous", 2, 11, 9, 3, False),
     ("zigzag, short parts", "zigzag", 2, 12, 7, 2, False),   # P=3: 6 parts of ~1 token < W-1
+    # padding < 0: right padding of the prefill, so generate's [B, past + T] mask has a hole in the past
+    ("right-padded prefill", "contiguous", 2, 11, 9, -3, False),
     ("packed", "contiguous", 1, None, None, 0, True),
 ]
 PACKED_PREFILL = [0, 5, 13, 20]        # 3 documents ...
@@ -70,7 +72,10 @@ def _continue(model, case):
     else:
         ids = ids_of(B, T0 + T1, seed=5)
         mask = torch.ones(B, T0 + T1, dtype=torch.long)
-        mask[0, :left] = 0
+        if left >= 0:
+            mask[0, :left] = 0
+        else:
+            mask[0, T0 + left:T0] = 0
         first, second = ids[:, :T0], ids[:, T0:]
         kw0, kw1 = dict(attention_mask=mask[:, :T0]), dict(attention_mask=mask)   # generate's [B, past + T]
     with torch.no_grad():
