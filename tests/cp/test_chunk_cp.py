@@ -187,17 +187,22 @@ def test_bf16_close_to_fp32():
 
 
 def _bf16_run(case, seed, ctx, autocast):
-    """bf16 inputs (as autocast's projections hand them over), fp32 loss; gradients summed over ranks."""
+    """bf16 inputs (as autocast's projections hand them over), fp32 loss; gradients summed over ranks.
+    Every bf16 result is rounded once from fp32 sums, so CP and one process differ by at most a last-bit
+    flip per element. Hence a loss linear in o and no qk l2norm: with loss_of's o² term a flipped output
+    element changes its dO, and l2norm's backward spreads a flipped dq/dk element over its whole row;
+    both move other elements by a bf16 step of their neighbours (seen: 2-11 ulps), not of themselves."""
     q, k, v, g, beta, h0 = make_inputs(case, seed)
     leaves = [x.bfloat16().requires_grad_() for x in (q, k, v, beta)] + [g.requires_grad_()]
     local = [ctx.shard(x, dim=1) if ctx is not None else x for x in leaves]
     q, k, v, beta, g = local
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        o, ht = chunk_cp_gated_delta_rule(q, k, v, g, beta, cp_context=ctx, initial_state=h0, output_final_state=True,
-                                          use_qk_l2norm_in_kernel=True)
+        o, ht = chunk_cp_gated_delta_rule(q, k, v, g, beta, cp_context=ctx, initial_state=h0, output_final_state=True)
     if ctx is not None:
         o = ctx.unshard(o, dim=1)
-    (loss_of(o.float(), ht) / (ctx.world_size if ctx is not None else 1)).backward()
+    w = torch.linspace(-1, 1, o.numel()).view_as(o)
+    loss = (o.float() * w).sum() + ht.sin().sum()
+    (loss / (ctx.world_size if ctx is not None else 1)).backward()
     grads = [x.grad.float() for x in leaves]
     if ctx is not None:
         for gr in grads:
@@ -218,12 +223,28 @@ def test_autocast_does_not_reach_inside_the_op():
     plain = _bf16_run(case, seed, None, autocast=False)
     single = _bf16_run(case, seed, None, autocast=True)
     cp = run_ranks(_autocast_worker, 2, (case, seed))[0]
-    # o and the bf16 leaves' gradients are stored in bf16: CP's fp32 summation order flips a few last
-    # bits there (~1e-5); the bug was 1e-3 and more. final_state and dg are fp32.
-    tols = dict(o=2e-4, final_state=TOL, dq=2e-4, dk=2e-4, dv=2e-4, dbeta=2e-4, dg=TOL)
-    for (name, tol), a, b, c in zip(tols.items(), single, plain, cp):
+    names = ["o", "final_state", "dq", "dk", "dv", "dbeta", "dg"]
+    for name, a, b, c in zip(names, single, plain, cp):
         assert torch.equal(a, b), f"{name}: autocast changed the single-process result (seed={seed})"
-        assert rel_err(c, a) <= tol, f"{name}: CP vs one process under autocast {rel_err(c, a):.2e} (seed={seed})"
+        if name in ("final_state", "dg"):        # held in fp32
+            assert rel_err(c, a) <= TOL, f"{name}: CP vs one process under autocast {rel_err(c, a):.2e} (seed={seed})"
+        else:
+            assert_bf16_rounding_apart(c, a, f"{name}: CP vs one process under autocast (seed={seed})")
+
+
+def assert_bf16_rounding_apart(got: torch.Tensor, ref: torch.Tensor, label: str) -> None:
+    """got and ref are the same fp32 sums, summed in a different order, then stored in bf16: a few
+    elements round to the neighbouring bf16 value. A norm tolerance is the wrong yardstick there: one
+    large element's last-bit flip alone reached 3e-4 relative. So: at most 2% of the elements differ,
+    each by at most one bf16 ulp of itself plus an fp32-level 1e-5 of the tensor's largest element
+    (a sum that cancels to a small value keeps its summands' absolute error). The autocast bug this
+    guards moved 30-70% of the elements by 27-460 ulps."""
+    bf16_ulp = torch.finfo(torch.bfloat16).eps * torch.exp2(torch.floor(torch.log2(
+        torch.maximum(got.abs(), ref.abs()).clamp_min(torch.finfo(torch.bfloat16).tiny))))
+    excess = (got - ref).abs() / (bf16_ulp + 1e-5 * ref.abs().max())
+    moved = (got != ref).float().mean().item()
+    assert excess.max().item() <= 1 and moved <= 0.02, \
+        f"{label}: {moved:.1%} of elements differ, up to {excess.max().item():.1f}x (ulp + 1e-5 max); allowed 2%, 1x"
 
 
 # V is not limited (FLA limits only K <= 256): FLA's default GatedDeltaNetConfig and our `base` preset
