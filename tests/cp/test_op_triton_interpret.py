@@ -71,7 +71,8 @@ def test_op_triton_multirank(world_size):
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU test_op_triton_multirank already runs FLA's compiled kernels")
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize("world_size", [1, 3])
+# P=3 interprets FLA's kernels on three ranks (~40 s on 2 cores): slow, run by `pytest -m slow` (CI runs it)
+@pytest.mark.parametrize("world_size", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_op_fla_kernels_interpreted(world_size):
     """The CUDA path of the triton backend on CPU: FLA's chunk kernels and ours, all interpreted.
     Ranks are spawned with TRITON_INTERPRET=1 so FLA's kernels are decorated for the interpreter."""

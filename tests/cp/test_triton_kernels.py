@@ -286,7 +286,8 @@ def test_summary_kernels_bf16_cuda():
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("arch", [80, 90])
+# sm_80 compiles the same kernels again (~30 s): slow, run by `pytest -m slow` (CI runs it)
+@pytest.mark.parametrize("arch", [pytest.param(80, marks=pytest.mark.slow), 90])
 def test_kernels_compile_for_gpus(arch):
     """Our kernels compiled (not interpreted) for A100 / H100 code, no GPU needed: Triton lowers them to
     PTX and cubin here, which catches what the interpreter lets through (types that differ between

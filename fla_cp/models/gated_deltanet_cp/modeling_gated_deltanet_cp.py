@@ -76,6 +76,10 @@ original. With a data-parallel wrapper instead:
       `loss * cp_size` scaling (or `module.set_gradient_divide_factor(dp)` and no scaling; on gloo,
       which has no PREMUL_SUM, add `module.set_force_sum_reduction_for_comms(True)`).
 
+Caches are passed as `cache=` or `past_key_values=` (transformers >= 5.24 spells it `cache`, older
+releases and FLA `past_key_values`; both work on every release, see `fla_cp/models/hf_compat.py`), and
+the output holds it under the running transformers' name (`fla_cp.models.output_cache(out)` reads it).
+
 Generation and caches: `model.generate(input_ids, max_new_tokens=..., do_sample=False)` on every rank of
 a CP group with the same prompt: the prefill runs with CP; the recurrent and conv states of every layer
 are gathered to all ranks (the cache is replicated), the last-position logits too, and decoding then
@@ -84,7 +88,7 @@ cp_size=1. Which forwards run CP is one rule (`runs_replicated`), with or withou
 at least as many new tokens as CP parts (cp_size, 2 x cp_size for zigzag) runs CP; a shorter one
 (decode steps, a BOS-only prompt, a short chunk) runs in full on every rank, exactly as cp_size=1 (its
 loss is the same global mean, and its gradients count once after `sync_gradients`). So a multi-token
-continuation from a non-empty cache (the next turn of a chat, `generate(..., past_key_values=cache)`,
+continuation from a non-empty cache (the next turn of a chat, `generate(..., cache=cache)`,
 chunked prefill of a long prompt) runs CP too: every sequence starts from its cached recurrent state
 and its conv window reads the cached inputs, so each rank computes and stores only its shard. Pass
 `attention_mask` as generate does, `[B, past + T]` (or `[B, T]`); a packed continuation (`cu_seqlens`)
@@ -118,6 +122,7 @@ from fla.modules import FusedCrossEntropyLoss, FusedLinearCrossEntropyLoss, Gate
 from fla.modules.l2warp import l2_warp
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
@@ -125,6 +130,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from fla_cp.layers import GatedDeltaNetCP
 from fla_cp.layers.functional import gated_mlp, rms_norm
 from fla_cp.models.gated_deltanet_cp.configuration_gated_deltanet_cp import CP_FIELDS, GatedDeltaNetCPConfig
+from fla_cp.models.hf_compat import CACHE_KWARG, cache_field, generate_cache_kwargs, one_cache, output_cache
 from fla_cp.ops import build_cp_context, comm
 
 IGNORE_INDEX = -100
@@ -378,6 +384,7 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
         inputs_are_sharded: bool = False,
         cp_context=None,
         _cp_check_extra: tuple[dict, str | None] | None = None,
+        cache=None,
         **kwargs,
     ):
         """Returns this rank's final hidden states `[B, T_loc, D]` (see the module docstring).
@@ -391,6 +398,8 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("specify exactly one of input_ids or inputs_embeds")
+        # transformers >= 5.24 spells it `cache`, earlier releases (and FLA) `past_key_values`
+        past_key_values = one_cache(cache, past_key_values, type(self).__name__)
         if use_cache and not isinstance(past_key_values, Cache):
             past_key_values = Cache.from_legacy_cache(past_key_values)
 
@@ -439,9 +448,8 @@ class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
 
-        out = BaseModelOutputWithPast(last_hidden_state=hidden_states,
-                                      past_key_values=past_key_values if use_cache else None,
-                                      hidden_states=all_hidden_states)
+        out = BaseModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden_states,
+                                      **cache_field(past_key_values if use_cache else None))
         out.cp_context = cp
         return out if return_dict else out.to_tuple()
 
@@ -612,9 +620,11 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
         gather_logits: bool = False,
         shift_labels: torch.LongTensor | None = None,
         cp_context=None,
+        cache=None,
         **kwargs,
     ):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        past_key_values = one_cache(cache, past_key_values, type(self).__name__)
         has_labels = labels is not None or shift_labels is not None
         keeps = logits_to_keep.numel() > 0 if torch.is_tensor(logits_to_keep) else bool(logits_to_keep)
         gathers = gather_logits or (not has_labels and keeps)
@@ -667,11 +677,25 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
                 _replicated_grad(logits, self.cp_size)
 
         if not return_dict:
-            output = (logits, outputs.past_key_values, outputs.hidden_states)
+            output = (logits, output_cache(outputs), outputs.hidden_states)
             output = tuple(o for o in output if o is not None)
             return (loss,) + output if loss is not None else output
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                      **cache_field(output_cache(outputs)))
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, logits_to_keep=None,
+                                      cache_position=None, next_sequence_length=None, **kwargs):
+        """FLA's `prepare_inputs_for_generation` (what its mixin adds: `cache_position`, `logits_to_keep`),
+        taking the cache under either name and handing it to transformers under the name this release
+        passes to `forward` (FLA's mixin passes `past_key_values`, which transformers >= 5.24 renames
+        with a warning at every step)."""
+        if cache_position is not None and next_sequence_length is None:
+            next_sequence_length = len(cache_position)
+        if logits_to_keep is not None:
+            kwargs["logits_to_keep"] = logits_to_keep
+        kwargs[CACHE_KWARG] = one_cache(cache, past_key_values, f"{type(self).__name__}.generate")
+        return GenerationMixin.prepare_inputs_for_generation(
+            self, input_ids, next_sequence_length=next_sequence_length, **kwargs)
 
     # settings that decide how many decode steps each rank runs, or which tokens it picks
     _GENERATE_FIELDS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "num_beams",
@@ -684,6 +708,7 @@ class GatedDeltaNetCPForCausalLM(GatedDeltaNetCPPreTrainedModel, FLAForCausalLM,
         Sampling (`do_sample=True`) under CP draws from CP rank 0's random stream on every rank: rank 0's
         RNG state (CPU, and the model's CUDA device) is copied to the others first, so every rank picks
         the tokens one device with rank 0's state would pick, and all CP ranks leave with that state."""
+        kwargs = generate_cache_kwargs(kwargs, f"{type(self).__name__}.generate")
         if self.cp_size > 1:
             prompt = inputs if inputs is not None else kwargs.get("input_ids")
             config = generation_config or self.generation_config
