@@ -167,11 +167,13 @@ def gated_delta_rule_fp64(q, k, v, beta, g):
     return torch.stack(out, 1)
 
 
-def layer_fp64(layer, x, segments):
-    """The layer's math composed independently (F.conv1d, the fp64 recurrence, the gated RMSNorm) for a
-    float64 `layer` and `x`, one segment of one row at a time: `segments` = [(row, start, end)] are the
-    documents (packed) or the real tokens (padding); every other position of the output is 0."""
-    out = torch.zeros(*x.shape[:2], layer.o_proj.out_features, dtype=torch.float64)
+def layer_math(layer, x, segments, recurrence=None):
+    """The layer's math composed independently (F.conv1d, a recurrence, the gated RMSNorm; default the
+    float64 one above, for a float64 `layer` and `x`), one segment of one row at a time: `segments` =
+    [(row, start, end)] are the documents (packed) or the real tokens (padding); every other position
+    of the output is 0."""
+    recurrence = recurrence or gated_delta_rule_fp64
+    out = torch.zeros(*x.shape[:2], layer.o_proj.out_features, dtype=x.dtype)
     rep = layer.num_v_heads // layer.num_heads
     for b, s, e in segments:
         h = x[b:b + 1, s:e]
@@ -186,7 +188,7 @@ def layer_fp64(layer, x, segments):
         v = v.unflatten(-1, (-1, layer.head_v_dim))
         g = -layer.A_log.exp() * F.softplus(layer.a_proj(h) + layer.dt_bias)
         beta = layer.b_proj(h).sigmoid() * (2.0 if layer.allow_neg_eigval else 1.0)
-        o = gated_delta_rule_fp64(q, k, v, beta, g)
+        o = recurrence(q, k, v, beta, g)
         gate = layer.g_proj(h).unflatten(-1, (-1, layer.head_v_dim))
         o = o * torch.rsqrt(o.square().mean(-1, keepdim=True) + layer.o_norm.eps) * layer.o_norm.weight * F.silu(gate)
         out = out.index_put((torch.tensor([b]), torch.arange(s, e)), layer.o_proj(o.flatten(-2))[0])
@@ -207,7 +209,7 @@ def layer_reference_fp64(layer, case):
     """`layer_reference`'s output, input gradient and parameter gradients, in float64 (as float64)."""
     x = case["x"].double().requires_grad_()
     ref = copy.deepcopy(layer).double()
-    out = layer_fp64(ref, x, case_segments(case))
+    out = layer_math(ref, x, case_segments(case))
     params = dict(ref.named_parameters())
     (out * case["w"].double()).sum().backward()
     return out.detach(), x.grad, {n: p.grad for n, p in params.items()}
@@ -217,30 +219,10 @@ def layer_reference_fp64(layer, case):
 def fla_math_reference(layer, x, cu):
     """Independent composition of FLA's math: F.conv1d per document + FLA's naive recurrence."""
     from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
-    rows = []
-    for b in range(x.shape[0]):
-        row = []
-        for s, e in zip(cu[:-1], cu[1:]):
-            h = x[b:b + 1, s:e]
 
-            def conv(proj, c):
-                y = F.conv1d(proj(h).transpose(1, 2), c.weight, c.bias, padding=W - 1, groups=c.weight.shape[0])
-                return F.silu(y[..., :e - s]).transpose(1, 2)
-            q, k, v = (conv(p, c) for p, c in ((layer.q_proj, layer.q_conv1d), (layer.k_proj, layer.k_conv1d),
-                                                (layer.v_proj, layer.v_conv1d)))
-            rep = layer.num_v_heads // layer.num_heads
-            q, k = (F.normalize(t.unflatten(-1, (-1, layer.head_k_dim)), dim=-1, eps=1e-6).repeat_interleave(rep, 2)
-                    for t in (q, k))
-            v = v.unflatten(-1, (-1, layer.head_v_dim))
-            g = -layer.A_log.exp() * F.softplus(layer.a_proj(h) + layer.dt_bias)
-            beta = layer.b_proj(h).sigmoid()
-            o, _ = naive_recurrent_gated_delta_rule(q, k, v, beta, g)
-            gate = layer.g_proj(h).unflatten(-1, (-1, layer.head_v_dim))
-            o = o * torch.rsqrt(o.square().mean(-1, keepdim=True) + layer.o_norm.eps)
-            o = o * layer.o_norm.weight * F.silu(gate)
-            row.append(layer.o_proj(o.flatten(-2)))
-        rows.append(torch.cat(row, 1))
-    return torch.cat(rows, 0)
+    def recurrence(q, k, v, beta, g):
+        return naive_recurrent_gated_delta_rule(q, k, v, beta, g)[0]
+    return layer_math(layer, x, [(b, s, e) for b in range(x.shape[0]) for s, e in zip(cu[:-1], cu[1:])], recurrence)
 
 
 def test_layer_matches_fla_math():
