@@ -15,9 +15,9 @@
 #      pip download --no-deps flash-linear-attention==0.6.0 fla-core==0.6.0 einops -d .whl
 # 2. Correctness on CUDA, fp32 (TRITON_F32_DEFAULT=ieee so FLA's fp32 dots are IEEE, not TF32, and the
 #    1e-5 bar is meaningful): our summary kernels and FLA's short conv compiled
-#    (tests/cp/test_triton_kernels.py, test_short_conv.py::test_causal_conv_fla_compiled_cuda) and the
+#    (tests/cp/ops/test_triton_kernels.py, test_short_conv.py::test_causal_conv_fla_compiled_cuda) and the
 #    whole operator with backend="triton" -- gloo ranks P = 2, 3 sharing the one GPU, plus single
-#    process -- vs the torch backend and FLA's naive recurrence (tests/cp/test_op_triton_interpret.py).
+#    process -- vs the torch backend and FLA's naive recurrence (tests/cp/ops/test_op_triton_interpret.py).
 # 3. bf16 (default TF32 settings): the operator in bf16 vs fp32 on the same inputs, rel err <= 3e-3,
 #    P = 1 and 2; and our bf16 summaries vs fp32.
 #    Steps 2-3 run untuned (FLA_CP_AUTOTUNE=0, which also prunes FLA's autotuners to their first
@@ -85,14 +85,14 @@ if wants op; then
   # the tests (see fla_cp/ops/triton/utils.py: untuned_autotuners)
   export FLA_CP_AUTOTUNE=0
   # (the compile-for-sm_80/90 test is left to CI: on a GPU the suite runs the compiled kernels themselves)
-  run fp32_kernels 90 env TRITON_F32_DEFAULT=ieee $PY -m pytest -q -x tests/cp/test_triton_kernels.py \
-      tests/cp/test_short_conv.py::test_causal_conv_fla_compiled_cuda -k "not bf16 and not compile" \
+  run fp32_kernels 90 env TRITON_F32_DEFAULT=ieee $PY -m pytest -q -x tests/cp/ops/test_triton_kernels.py \
+      tests/cp/layers/test_short_conv.py::test_causal_conv_fla_compiled_cuda -k "not bf16 and not compile" \
       -p no:cacheprovider
-  run fp32_operator 150 env TRITON_F32_DEFAULT=ieee $PY -m pytest -q -x tests/cp/test_op_triton_interpret.py \
+  run fp32_operator 150 env TRITON_F32_DEFAULT=ieee $PY -m pytest -q -x tests/cp/ops/test_op_triton_interpret.py \
       -k "not bf16" -p no:cacheprovider
 
   # --- 3. bf16 ----------------------------------------------------------------------------------
-  run bf16 90 $PY -m pytest -q tests/cp/test_op_triton_interpret.py tests/cp/test_triton_kernels.py \
+  run bf16 90 $PY -m pytest -q tests/cp/ops/test_op_triton_interpret.py tests/cp/ops/test_triton_kernels.py \
       -k bf16 -p no:cacheprovider
   unset FLA_CP_AUTOTUNE
 fi
@@ -104,7 +104,7 @@ if wants model; then
       --mode single --save_ref --ref "$OUT/reference.pt" --train_steps 3
   run model_cp2 100 env TRITON_F32_DEFAULT=ieee $TORCHRUN tests/cp/test_numerical_correctness.py \
       --mode cp --cp_size 2 --ref "$OUT/reference.pt"
-  run model_loss 60 $PY -m pytest -q tests/cp/test_model_cp.py -k fla_loss_kernels_on_cuda -p no:cacheprovider
+  run model_loss 60 $PY -m pytest -q tests/cp/models/test_model_cp.py -k fla_loss_kernels_on_cuda -p no:cacheprovider
   run train_cp2 100 $TORCHRUN tests/cp/train_cp_real.py --cp_size 2 --steps 20 --warmup 2 --seq_len 8192 \
       --batch_size 2 --bf16 --save_dir "$(mktemp -d)"
   run memory_cp1 90 $PY tests/cp/benchmark_memory.py --cp_size 1 --seq_lens 8192,32768 \

@@ -1,6 +1,6 @@
 """Error distributions of the layer's CP test over many fresh seeds: how much room its bounds have.
 
-For every seed, P and case of `tests/cp/test_layer_cp.py` (5 kinds x 2 layouts), the layer runs
+For every seed, P and case of `tests/cp/layers/test_layer_cp.py` (5 kinds x 2 layouts), the layer runs
 with CP on P gloo ranks and in one process, and an independent float64 composition of its math
 (`layer_reference_fp64`) gives the truth. Per quantity (output, input gradient, each parameter
 gradient) it records
@@ -27,7 +27,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "cp")]
 
 import torch  # noqa: E402
 
-from tests.cp import test_layer_cp as lt  # noqa: E402
+from tests.cp.layers import test_layer_cp as lt  # noqa: E402
 from tests.cp._dist import run_ranks  # noqa: E402
 
 

@@ -165,7 +165,7 @@ def _worker_cp2(rank, world, state):
                                        attention_mask=torch.ones(2, 11, dtype=torch.long))
         res["rng after sampling"] = torch.get_rng_state()
     # errors, each raised on every rank without a hang
-    # (full inputs shorter than the CP split run replicated: tests/cp/test_model_continuation.py)
+    # (full inputs shorter than the CP split run replicated: tests/cp/models/test_model_continuation.py)
     res["short"] = expect_error(lambda: model(input_ids=b["dense"][:1, :1], cu_seqlens=[0, 1], inputs_are_sharded=True),
                                 "shorter")
     res["divide"] = expect_error(lambda: init_cp_mesh(3), "does not divide")

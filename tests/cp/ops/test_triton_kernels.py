@@ -245,7 +245,7 @@ def test_summary_kernels_offsets_past_int32():
     import subprocess
     import sys
     from pathlib import Path
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     run = subprocess.run([sys.executable, "-c", _HUGE_OFFSETS], env=env, capture_output=True, text=True, timeout=280)
     if "Cannot allocate memory" in run.stderr:
@@ -300,7 +300,7 @@ def test_kernels_compile_for_gpus(arch):
     nvidia = Path(__import__("triton").__file__).parent / "backends" / "nvidia"
     if not nvidia.is_dir():
         pytest.skip("this Triton build has no NVIDIA backend")
-    script = Path(__file__).resolve().parents[2] / "scripts" / "kernel_resources.py"
+    script = Path(__file__).resolve().parents[3] / "scripts" / "kernel_resources.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(script), "--arch", str(arch), "--default-only", "--shapes", "main,small"],
                          env=env, capture_output=True, text=True, timeout=280)

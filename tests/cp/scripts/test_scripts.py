@@ -16,8 +16,8 @@ import torch
 from fla_cp.data import ByteTokenizer, Corpus, Packer, load_tokenizer
 from fla_cp.utils.metrics_log import MetricsLog, read_log
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[3]
+SCRIPTS = Path(__file__).resolve().parents[1]   # tests/cp: the user scripts
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 import benchmark_memory as bm                 # tests/cp is on sys.path (conftest.py)
 import test_numerical_correctness as nc
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 # ----------------------------------------------------------------------------------------------
