@@ -35,7 +35,7 @@ states are exact. Above ERR_TOL (1e-2 in bf16, 1e-4 in fp32) the run prints FAIL
 bf16 inputs, fp32 states.
 
 --smoke runs the same code paths on CPU: FLA's and our Triton kernels in Triton's interpreter
-(TRITON_INTERPRET=1, fla_cp.utils.triton_interpreter), TritonBackend(local_kernels="fla"), a tiny
+(TRITON_INTERPRET=1, and the interpreter patches of scripts/triton_patches.py), the triton backend, a tiny
 shape (T=256, P in 1,2,4), fp32 (the interpreter has no bf16 math), one perf_counter call per
 timing (the times mean nothing). It exits 1 if err fails or FLA's CP column is n/a.
 """
@@ -209,9 +209,10 @@ def shard_err(out, ref, r: int, n: int, edge: int = 128) -> float:
 class OursRanks:
     """Every rank of one (T, P) run with exact exchanged states; timed one role at a time."""
 
-    def __init__(self, x, P, scale, local_kernels="auto"):
+    def __init__(self, x, P, scale):
         from fla_cp.ops.backends.triton_backend import TritonBackend
-        self.be, self.P, self.scale = TritonBackend(local_kernels=local_kernels), P, scale
+        # FLA's chunk kernels and ours (on CPU under --smoke: interpreted), what backend="triton" runs
+        self.be, self.P, self.scale = TritonBackend(), P, scale
         q, k, v, g, beta, do = x
         T = q.shape[1]
         assert T % P == 0
@@ -373,7 +374,7 @@ def run_config(shape_name, T, P, args, baseline_cache, device):
         # err's reference: o, and the input gradients on the whole T when the backward ran
         baseline_cache[key] = (outs.get("fwd+bwd") or outs["fwd"], t_full)
     ref, t_full = baseline_cache[key]
-    ours = OursRanks(x, P, scale, args.local_kernels)
+    ours = OursRanks(x, P, scale)
     n = T // P
     shard = (*ours.shards[0], ours.do[0])     # every shard has the same cost without states
     t_shard = {m: timed(lambda m=m: fla_plain(shard, scale, backward=m == "fwd+bwd"), args.rep, device)[1]
@@ -446,8 +447,6 @@ def parse_args(argv=None):
         p.error(f"every T must split evenly over every P: T={args.T}, P={args.P}")
     # the interpreter has no bf16 math (numpy): the smoke runs fp32, the GPU run bf16
     args.dtype = torch.float32 if args.smoke else torch.bfloat16
-    # "fla": FLA's chunk kernels even on CPU (interpreted), the calls the GPU run makes
-    args.local_kernels = "fla" if args.smoke else "auto"
     return args
 
 
@@ -457,7 +456,9 @@ def main(argv=None):
         if os.environ.get("TRITON_INTERPRET") != "1":
             sys.exit("--smoke needs TRITON_INTERPRET=1 before fla is imported: run it as "
                      "`python scripts/bench_op.py --smoke`")
-        from fla_cp.utils.triton_interpreter import enable_fla_kernels_in_interpreter
+        # process-wide interpreter patches FLA's kernels need (fla_cp applies none)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from triton_patches import enable_fla_kernels_in_interpreter
         enable_fla_kernels_in_interpreter()
         allow_fla_cp_kernels_off_cuda()
         device = torch.device("cpu")

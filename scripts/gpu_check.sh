@@ -20,12 +20,17 @@
 #    process -- vs the torch backend and FLA's naive recurrence (tests/cp/ops/test_op_triton_interpret.py).
 # 3. bf16 (default TF32 settings): the operator in bf16 vs fp32 on the same inputs, rel err <= 3e-3,
 #    P = 1 and 2; and our bf16 summaries vs fp32.
-#    Steps 2-3 run untuned (FLA_CP_AUTOTUNE=0, which also prunes FLA's autotuners to their first
-#    config): tuning every kernel for every test shape would compile for minutes on a fresh machine.
+#    Then the one kernel vocabulary on CUDA (backend= and its deprecated old names pick the same kernels)
+#    and fla_cp patching nothing in Triton when compiled (tests/cp/ops/test_backend_names.py,
+#    test_no_triton_patches.py).
+#    Steps 2-3 run untuned (FLA_CP_AUTOTUNE=0, which the test suite's patches of
+#    scripts/triton_patches.py extend to FLA's autotuners: their first config; fla_cp itself patches
+#    nothing in Triton): tuning every kernel for every test shape would compile for minutes on a fresh machine.
 # 4. The model on CUDA with 2 gloo ranks on the one GPU (scripts/run_cp_tests.sh's steps): the
 #    numerical check (CP vs one device, fp32 with IEEE dots and bf16), FLA's fused loss kernels vs
 #    torch's cross-entropy (one process), 20 training steps in bf16, and
-#    per-rank peak memory at cp_size 1 and 2; untuned too (memory does not depend on the config).
+#    per-rank peak memory at cp_size 1 and 2; untuned too (memory does not depend on the config): the
+#    scripts run under scripts/triton_patches.py, which applies the same patches first.
 # 5. scripts/bench_op.py: the per-rank cost table (BENCH_ARGS passed through), autotuned.
 # Every step has a time limit; the summary at the end says what passed.
 set -u
@@ -42,6 +47,8 @@ for group in $STEPS; do
 done
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node=2"
+# runs a script with the suite's Triton patches (FLA_CP_AUTOTUNE=0 reaching FLA's autotuners): fla_cp applies none
+PATCHED=scripts/triton_patches.py
 
 source scripts/_summary.sh   # summary_table
 declare -a NAMES STATUS TIMES
@@ -82,7 +89,7 @@ $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "n
 # --- 2. fp32 correctness on CUDA ----------------------------------------------------------------
 if wants op; then
   # untuned launches, ours and FLA's: many tiny shapes, where tuning every one would cost more than
-  # the tests (see fla_cp/ops/triton/utils.py: untuned_autotuners)
+  # the tests (FLA's kernels through scripts/triton_patches.py: untuned_autotuners, which the suite applies)
   export FLA_CP_AUTOTUNE=0
   # (the compile-for-sm_80/90 test is left to CI: on a GPU the suite runs the compiled kernels themselves)
   run fp32_kernels 90 env TRITON_F32_DEFAULT=ieee $PY -m pytest -q -x tests/cp/ops/test_triton_kernels.py \
@@ -94,22 +101,26 @@ if wants op; then
   # --- 3. bf16 ----------------------------------------------------------------------------------
   run bf16 90 $PY -m pytest -q tests/cp/ops/test_op_triton_interpret.py tests/cp/ops/test_triton_kernels.py \
       -k bf16 -p no:cacheprovider
+  # one kernel vocabulary (backend=) on CUDA: the old names pick the same kernels, and importing and
+  # running fla_cp patches nothing in Triton (the compiled case of test_no_triton_patches)
+  run backends 120 $PY -m pytest -q tests/cp/ops/test_backend_names.py tests/cp/ops/test_no_triton_patches.py \
+      -p no:cacheprovider
   unset FLA_CP_AUTOTUNE
 fi
 
 # --- 4. the model on CUDA -----------------------------------------------------------------------
 if wants model; then
   export FLA_CP_AUTOTUNE=0
-  run model_reference 100 env TRITON_F32_DEFAULT=ieee $PY tests/cp/test_numerical_correctness.py \
+  run model_reference 100 env TRITON_F32_DEFAULT=ieee $PY $PATCHED tests/cp/test_numerical_correctness.py \
       --mode single --save_ref --ref "$OUT/reference.pt" --train_steps 3
-  run model_cp2 100 env TRITON_F32_DEFAULT=ieee $TORCHRUN tests/cp/test_numerical_correctness.py \
+  run model_cp2 100 env TRITON_F32_DEFAULT=ieee $TORCHRUN $PATCHED tests/cp/test_numerical_correctness.py \
       --mode cp --cp_size 2 --ref "$OUT/reference.pt"
   run model_loss 60 $PY -m pytest -q tests/cp/models/test_model_cp.py -k fla_loss_kernels_on_cuda -p no:cacheprovider
-  run train_cp2 100 $TORCHRUN tests/cp/train_cp_real.py --cp_size 2 --steps 20 --warmup 2 --seq_len 8192 \
+  run train_cp2 100 $TORCHRUN $PATCHED tests/cp/train_cp_real.py --cp_size 2 --steps 20 --warmup 2 --seq_len 8192 \
       --batch_size 2 --bf16 --save_dir "$(mktemp -d)"
-  run memory_cp1 90 $PY tests/cp/benchmark_memory.py --cp_size 1 --seq_lens 8192,32768 \
+  run memory_cp1 90 $PY $PATCHED tests/cp/benchmark_memory.py --cp_size 1 --seq_lens 8192,32768 \
       --results_dir "$OUT/memory"
-  run memory_cp2 90 $TORCHRUN tests/cp/benchmark_memory.py --cp_size 2 --seq_lens 8192,32768 \
+  run memory_cp2 90 $TORCHRUN $PATCHED tests/cp/benchmark_memory.py --cp_size 2 --seq_lens 8192,32768 \
       --results_dir "$OUT/memory" --plot "$OUT/memory_gpu.png"
   unset FLA_CP_AUTOTUNE
 fi

@@ -25,7 +25,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "cp")]
 
-import torch  # noqa: E402
 
 from tests.cp.layers import test_layer_cp as lt  # noqa: E402
 from tests.cp._dist import run_ranks  # noqa: E402

@@ -22,13 +22,14 @@ unchanged. Only `forward` differs:
   mask may be global `[B, T]` (every rank checks whole rows; preferred) or this rank's `[B, T_loc]`:
   then each rank can only check its own tokens, and a hole spanning ranks (e.g. a row whose tokens
   end on one rank and start again on the next) is not detected — that would take a collective.
-- `conv_backend` (constructor keyword, not a parameter or buffer): the short conv's kernel, see
-  `fla_cp.layers.short_conv_cp.causal_conv`. "auto" (default) runs FLA's fused Triton `causal_conv1d`
-  on CUDA, as FLA's layer does (the CP halo / decode cache is its per-sequence `initial_state`), and
-  the pure-PyTorch window sum elsewhere; "fla" / "torch" force one (off CUDA "fla" needs Triton's
-  interpreter, for tests). The decode step has no separate path: it is this conv with the cache as
-  initial state (FLA's single-token `causal_conv1d_update` is not used). `kernel_backend` likewise
-  picks the GDN operator's kernels (`chunk_cp_gated_delta_rule(backend=...)`).
+- `backend` (constructor keyword, not a parameter or buffer): the kernels of the GDN operator
+  (`chunk_cp_gated_delta_rule(backend=...)`) and of the short conv (`causal_conv` of
+  `fla_cp.layers.short_conv_cp`), one choice. "auto" (default) runs Triton on CUDA — FLA's chunk kernels and ours, and
+  FLA's fused `causal_conv1d` as FLA's layer does (the CP halo / decode cache is its per-sequence
+  `initial_state`) — and the pure-PyTorch path elsewhere; "triton" / "torch" force one (off CUDA
+  "triton" needs Triton's interpreter, for tests). The decode step has no separate path: it is this
+  conv with the cache as initial state (FLA's single-token `causal_conv1d_update` is not used).
+  `kernel_backend` / `conv_backend`, the former separate choices, are deprecated aliases.
 - `past_key_values`/`use_cache`: FLA's `Cache`; the recurrent state is stored as `[N, HV, K, V]`
   (fla_cp's layout, not FLA's `state_v_first`) and the conv state as FLA's `(q, k, v)` tuple of
   `[N, D, W]` (N: rows, or packed sequences). Under CP the final states of every sequence are
@@ -48,31 +49,30 @@ from fla.layers import GatedDeltaNet
 from fla.layers.utils import get_layer_cache, update_layer_cache
 
 from fla_cp.layers.functional import gdn_gate, rms_norm, rms_norm_gated
-from fla_cp.layers.short_conv_cp import CONV_BACKENDS, causal_conv, conv_halo, resolve_conv_backend, window_index_of
+from fla_cp.layers.short_conv_cp import causal_conv, conv_halo, resolve_conv_backend, window_index_of
+from fla_cp import checks
 from fla_cp.ops import chunk_cp_gated_delta_rule, comm
-from fla_cp.ops.backends import BACKENDS as KERNEL_BACKENDS
+from fla_cp.ops.backends import merge_deprecated_backends
 
 
 class GatedDeltaNetCP(GatedDeltaNet):
     """FLA's GatedDeltaNet layer whose forward also runs on a CP shard (see module docstring).
 
     Takes FLA's constructor arguments plus the kernels it runs on:
-        kernel_backend: the GDN operator's, `chunk_cp_gated_delta_rule(backend=...)`: "auto" (triton on
-            CUDA, torch elsewhere), "triton", "torch" or a backend object (`fla_cp.ops.backends`).
-        conv_backend: the short conv's, `causal_conv(backend=...)`: "auto" (FLA's on CUDA, torch
-            elsewhere), "fla" or "torch".
+        backend: the GDN operator's and the short conv's (`chunk_cp_gated_delta_rule(backend=...)`,
+            `causal_conv(backend=...)`): "auto" (triton on CUDA, torch elsewhere), "triton" (our and
+            FLA's Triton kernels) or "torch"; or a backend object (`fla_cp.ops.backends`) for the
+            operator, the conv then running "auto".
+        kernel_backend, conv_backend: deprecated (one release, FutureWarning): the former separate
+            choices, folded into `backend` (conv's "fla" is "triton"); values other than "auto" must agree.
     Forcing "torch" on a GPU runs the pure-PyTorch path there: slower, but a second opinion.
     """
 
-    def __init__(self, *args, kernel_backend="auto", conv_backend: str = "auto", **kwargs):
-        if conv_backend not in CONV_BACKENDS:
-            raise ValueError(f"conv_backend must be one of {CONV_BACKENDS}, got {conv_backend!r}")
-        if isinstance(kernel_backend, str) and kernel_backend not in KERNEL_BACKENDS:
-            raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS} or a backend object, "
-                             f"got {kernel_backend!r}")
+    def __init__(self, *args, backend="auto", kernel_backend=None, conv_backend=None, **kwargs):
+        backend = merge_deprecated_backends(backend, kernel_backend, conv_backend, who=type(self).__name__,
+                                            objects=True)
         super().__init__(*args, **kwargs)
-        self.kernel_backend = kernel_backend
-        self.conv_backend = conv_backend
+        self.backend = backend
 
     def forward(
         self,
@@ -119,7 +119,7 @@ class GatedDeltaNetCP(GatedDeltaNet):
             beta = beta * 2.0
         beta = beta.to(hidden_states.dtype)
         if mask is not None:
-            # neutral padding: S_t = S_{t-1} exactly (decay 1, no write)
+            # neutral padding: S_t = S_{t-1} exactly (decay 1, no write; docs/DESIGN.md §8)
             g = g * mask.unsqueeze(-1)
             beta = beta * mask.unsqueeze(-1).to(beta.dtype)
 
@@ -128,11 +128,11 @@ class GatedDeltaNetCP(GatedDeltaNet):
         if cp is not None:
             o, recurrent_state = chunk_cp_gated_delta_rule(
                 q, k, v, g, beta, cp_context=cp, initial_state=initial_state, output_final_state=bool(use_cache),
-                use_qk_l2norm_in_kernel=True, backend=self.kernel_backend, verify_agreement=False)
+                use_qk_l2norm_in_kernel=True, backend=self.backend, verify_agreement=False)
         else:
             o, recurrent_state = chunk_cp_gated_delta_rule(
                 q, k, v, g, beta, cp_context=None, cu_seqlens=cu_seqlens, initial_state=initial_state,
-                output_final_state=bool(use_cache), use_qk_l2norm_in_kernel=True, backend=self.kernel_backend)
+                output_final_state=bool(use_cache), use_qk_l2norm_in_kernel=True, backend=self.backend)
 
         if past_key_values is not None:
             update_layer_cache(
@@ -155,18 +155,21 @@ class GatedDeltaNetCP(GatedDeltaNet):
         """Raise ValueError (naming the rank) on bad CP input; with `verify_agreement`, on every rank
         when any rank's input is bad or ranks disagree (one tiny all_gather, skipped for one rank).
 
-        The CP model makes one such check per forward for all its layers, from `_cp_input_error` and
-        `agreement_fields` plus its own fields, and then runs the layers with `verify_agreement=False`.
+        The CP model makes one such check for all its layers (`fla_cp.parallel`, from `_cp_input_error` and
+        `cp_sizes`) and runs the layers with `verify_agreement=False`: then the caller vouches for the mask's
+        content too (its check for holes is a host sync), and only the free local checks run here.
         """
-        error = self._cp_input_error(hidden_states, cp, attention_mask, last_state)
+        error = self._cp_input_error(hidden_states, cp, attention_mask, last_state, mask_content=verify_agreement)
         if verify_agreement and cp.world_size > 1:
-            fields = self.agreement_fields(hidden_states, cp, attention_mask, use_cache)
-            comm.check_agreement(cp.group, error, fields, what=type(self).__name__)
+            fields = checks.layer_fields(hidden_states, cp, attention_mask, use_cache, self.cp_sizes(),
+                                         content=True)
+            checks.check_agreement(cp.group, error, fields, what=type(self).__name__)
         elif error:
             raise ValueError(f"{type(self).__name__}: rank {cp.rank}: {error}")
 
-    def _cp_input_error(self, hidden_states, cp, attention_mask, last_state) -> str | None:
-        """This rank's problem with a CP call, or None. Nothing here communicates."""
+    def _cp_input_error(self, hidden_states, cp, attention_mask, last_state, mask_content: bool = True) -> str | None:
+        """This rank's problem with a CP call, or None. Nothing here communicates; `mask_content` checks the
+        padding mask for holes (one host sync)."""
         if not torch.is_tensor(hidden_states) or hidden_states.dim() != 3:
             got = tuple(hidden_states.shape) if torch.is_tensor(hidden_states) else type(hidden_states).__name__
             return f"hidden_states must be [B, T_loc, D], got {got}"
@@ -192,7 +195,9 @@ class GatedDeltaNetCP(GatedDeltaNet):
                         f"{tuple(attention_mask.shape)}")
             # a longer mask: only this call's columns, as one process reads them (a hole in the past, e.g.
             # a right-padded prefill, is already in the cache)
-            error = self._padding_mask_error(attention_mask[:, -cp.total_len:] if longer else attention_mask)
+            if not mask_content:
+                return None
+            error = checks.padding_mask_error(attention_mask[:, -cp.total_len:] if longer else attention_mask)
             if error and attention_mask.shape[1] < cp.total_len:
                 error += " (positions within this rank's shard of the row)"
             return error
@@ -216,48 +221,11 @@ class GatedDeltaNetCP(GatedDeltaNet):
                         f"got {shapes}")
         return None
 
-    @staticmethod
-    def _padding_mask_error(attention_mask) -> str | None:
-        """Why a `[B, T]` mask is not a padding mask (only 0/1; each row's ones one contiguous run), or
-        None. One host sync."""
-        ones = attention_mask != 0
-        nonbinary = (ones & (attention_mask != 1)).any(-1)
-        runs = ones[:, :1].sum(-1) + (ones[:, 1:] & ~ones[:, :-1]).sum(-1)
-        bad = (nonbinary | (runs > 1)).nonzero().flatten().tolist()
-        if not bad:
-            return None
-        b = bad[0]
-        if nonbinary[b]:
-            values = sorted(set(attention_mask[b].tolist()))
-            return f"attention_mask must be a 0/1 padding mask; row {b} holds {values[:6]}"
-        pos = ones[b].nonzero().flatten().tolist()
-        i, j = next((i, j) for i, j in zip(pos, pos[1:]) if j > i + 1)
-        return (f"attention_mask row {b} has a hole (padding at positions {i + 1}..{j - 1} between tokens): only "
-                f"left or right padding is supported (each row's 1s must be contiguous)")
-
-    def agreement_fields(self, hidden_states, cp, attention_mask, use_cache) -> dict[str, list[int]]:
-        """What every rank of a CP call must share: the shapes of every collective in this layer (conv
-        halo, states, cache gather) follow from these and the layer's own sizes."""
-        shape = list(hidden_states.shape) if torch.is_tensor(hidden_states) and hidden_states.dim() == 3 else [0] * 3
-        # cp None: a model-level check of a step without a split (decode, or this rank's split failed)
-        split = cp.fingerprint() + [bool(cp.packed)] if cp is not None else [0] * 6
-        mask_code = 0
-        if torch.is_tensor(attention_mask) and attention_mask.dim() == 2 and (
-                cp is None or attention_mask.shape[1] >= cp.total_len):
-            mask_code = comm.content_code(attention_mask)
-        device_type = hidden_states.device.type if torch.is_tensor(hidden_states) else "cpu"
-        autocast = torch.is_autocast_enabled(device_type)
-        return {
-            "batch size and dtype of hidden_states": [shape[0], comm.dtype_code(getattr(hidden_states, "dtype", None))],
-            "autocast (enabled, dtype)": [autocast, comm.dtype_code(torch.get_autocast_dtype(device_type)
-                                                                    if autocast else None)],
-            "use_cache": [bool(use_cache)],
-            # a global mask must also be the same mask on every rank (a rank-local one differs by design)
-            "attention_mask (given, content)": [attention_mask is not None, mask_code],
-            "layer sizes (D, H, HV, K, V, conv)": [self.hidden_size, self.num_heads, self.num_v_heads, self.head_k_dim,
-                                                   self.head_v_dim, self.conv_size if self.use_short_conv else 0],
-            "cp_context (world size, layout, cu_seqlens, packed)": split,
-        }
+    def cp_sizes(self) -> list[int]:
+        """The layer's sizes that its collectives' shapes follow from (D, H, HV, K, V, conv width), for the
+        agreement check (`fla_cp.checks.layer_fields`)."""
+        return [self.hidden_size, self.num_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim,
+                self.conv_size if self.use_short_conv else 0]
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -276,8 +244,9 @@ class GatedDeltaNetCP(GatedDeltaNet):
             # decoding: FLA reads the mask's last q_len columns
             attention_mask = attention_mask[:, -T:]
         elif cp is None:
-            # a prefill without CP (under CP, check_cp_call has checked the mask on every rank)
-            error = GatedDeltaNetCP._padding_mask_error(attention_mask)
+            # a prefill without CP (under CP the caller's check covers the mask: check_cp_call, or the CP
+            # model's, fla_cp.parallel.model.CPModelMixin.cp_enter)
+            error = checks.padding_mask_error(attention_mask)
             if error:
                 raise ValueError(f"GatedDeltaNetCP: {error}")
         return attention_mask.float()
@@ -315,7 +284,9 @@ class GatedDeltaNetCP(GatedDeltaNet):
         elif cached is not None and cached.shape[0] != len(flat_bounds):
             raise ValueError(f"conv cache holds {cached.shape[0]} sequences, input has {len(flat_bounds)}")
 
-        backend = resolve_conv_backend(self.conv_backend, x, who=f"GatedDeltaNetCP(conv_backend={self.conv_backend!r})")
+        # a backend object is the operator's alone: the conv then runs "auto"
+        name = self.backend if isinstance(self.backend, str) else "auto"
+        backend = resolve_conv_backend(name, x, who=f"{type(self).__name__}(backend={name!r})")
         windows = None
         if cp is not None and backend == "torch":   # the same for every layer of this forward
             windows = cp.memo(("conv_windows", B, W, init is not None, str(x.device)),

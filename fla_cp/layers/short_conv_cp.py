@@ -10,18 +10,20 @@ over the group and hands each rank the gradient of its own tails: halo gradients
 When the call continues cached sequences, the positions before a sequence's start are its cached last
 inputs (replicated on every rank, so no collective) rather than zeros.
 
-The convolution (`causal_conv`) has two backends with one contract. Its math is FLA's
+The convolution (`causal_conv`) has two backends with one contract, picked by the one `backend`
+vocabulary of fla_cp (`fla_cp.ops.backends.BACKENDS`). Its math is FLA's
 `causal_conv1d`: `y_t = act(sum_j w[:, j] * x_{t-W+1+j} + b)`, with a cache `[N, D, W]` holding a
 sequence's last W inputs (oldest first).
 
-- "fla" (the default on CUDA through `backend="auto"`): FLA's fused Triton `causal_conv1d`, the
-  autograd-enabled public function FLA's own layer uses, on the flat stream as one packed batch
-  (`cu_seqlens` from the segments). A segment's halo or decode cache `[W-1, D]` is its
+- "triton" (the default on CUDA through `backend="auto"`; formerly "fla"): FLA's fused Triton
+  `causal_conv1d`, the autograd-enabled public function FLA's own layer uses, on the flat stream as
+  one packed batch (`cu_seqlens` from the segments). A segment's halo or decode cache `[W-1, D]` is its
   `initial_state` `[D, W]` (transposed, one leading column that FLA never reads), so FLA's kernels
   return the halo gradient (dh0), which `_GatherTails` then routes to its owner rank. The final state
   is gathered here (the last W inputs, exact copies), not taken from FLA: FLA's backward drops the
   gradient of its slot 0 (dead for decoding, but part of the returned tensor). Off CUDA this backend
-  runs only in Triton's interpreter (tests; see `fla_cp.utils.triton_interpreter`).
+  runs only in Triton's interpreter, with the patches of `scripts/triton_patches.py` (tests; see
+  `fla_cp.utils.triton_interpreter`).
 - "torch" (the default elsewhere): a gather of explicit windows (`[N, W, D]`) and a weighted sum,
   which handles packed segments, per-segment initial states (halo or decode cache) and final states
   in one vectorised pass on any device; the windows are recomputed in backward rather than kept.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from fla_cp.ops import comm
+from fla_cp.ops.backends import BACKENDS
 
 
 def causal_conv(
@@ -59,13 +63,14 @@ def causal_conv(
         init: `[S, W-1, D]` inputs that precede each segment (oldest first), or None for zeros.
         window_index: torch backend only: `window_index(bounds, N, W, init is not None)` on x's device,
             when the caller keeps it across layers.
-        backend: "auto" (FLA's Triton `causal_conv1d` on CUDA, "torch" elsewhere), "fla" (FLA's
+        backend: "auto" (FLA's Triton `causal_conv1d` on CUDA, "torch" elsewhere), "triton" (FLA's
             kernel on any device; off CUDA in Triton's interpreter, which must have been on when FLA
-            was imported) or "torch" (the window sum). See the module docstring.
+            was imported) or "torch" (the window sum). "fla" is a deprecated name of "triton"
+            (FutureWarning). See the module docstring.
     Returns:
         y `[N, D]`, and when `output_final_state` the last W inputs of every segment `[S, D, W]`.
     """
-    if resolve_conv_backend(backend, x) == "fla":
+    if resolve_conv_backend(backend, x) == "triton":
         return _causal_conv_fla(x, weight, bias, bounds, init, activation, output_final_state)
     N, D = x.shape
     W = weight.shape[-1]
@@ -92,9 +97,6 @@ def causal_conv(
     return y, final
 
 
-CONV_BACKENDS = ("auto", "fla", "torch")
-
-
 def _fla_available() -> bool:
     try:
         import fla.modules.causal_conv1d  # noqa: F401
@@ -104,20 +106,26 @@ def _fla_available() -> bool:
 
 
 def resolve_conv_backend(backend: str, x: torch.Tensor, who: str | None = None) -> str:
-    """The backend `causal_conv(backend=...)` runs for input `x`: "fla" or "torch".
+    """The backend `causal_conv(backend=...)` runs for input `x`: "triton" or "torch".
 
-    "fla" off CUDA checks that FLA's kernels were imported for Triton's interpreter and raises a
-    RuntimeError naming `who` (default: causal_conv's own argument) if they were not.
+    "triton" off CUDA checks that FLA's kernels were imported for Triton's interpreter, with its
+    patches applied (`scripts/triton_patches.py`; checked, never applied here), and raises a
+    RuntimeError naming `who` (default: causal_conv's own argument) if not. "fla", the former name of
+    "triton", still works with a FutureWarning (one release).
     """
-    if backend not in CONV_BACKENDS:
-        raise ValueError(f"conv backend must be one of {CONV_BACKENDS}, got {backend!r}")
+    if isinstance(backend, str) and backend == "fla":
+        warnings.warn("causal_conv(backend='fla') is deprecated: use backend='triton' (the name is removed in "
+                      "the next release)", FutureWarning, stacklevel=3)
+        backend = "triton"
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "fla" if x.is_cuda and _fla_available() else "torch"
-    if backend == "fla" and not x.is_cuda:
+        return "triton" if x.is_cuda and _fla_available() else "torch"
+    if backend == "triton" and not x.is_cuda:
         from fla.modules.causal_conv1d.ops import causal_conv1d_fwd_kernel
 
         from fla_cp.utils.triton_interpreter import require_interpreted
-        require_interpreted(causal_conv1d_fwd_kernel, who or "causal_conv(backend='fla')")
+        require_interpreted(causal_conv1d_fwd_kernel, who or f"causal_conv(backend={backend!r})")
     return backend
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
+from fla_cp import checks
 from fla_cp.ops import comm
 from fla_cp.ops.backends import get_backend
 from fla_cp.ops.backends.base import LocalBackend
@@ -183,9 +184,9 @@ def _local_summaries(plan: _Plan, slot_segment, compute, shape, device) -> torch
 
 
 def _autocast_off(fn):
-    """Run `fn` with autocast off on every device type: the local compute keeps its own precision (fp32
-    chunk math and states, as FLA's Triton kernels, which autocast never reaches), so under bf16
-    autocast this op computes the same thing with and without CP (autocast would round the torch
+    """Run `fn` with autocast off on every device type (docs/DESIGN.md §12): the local compute keeps its
+    own precision (fp32 chunk math and states, as FLA's Triton kernels, which autocast never reaches),
+    so under bf16 autocast this op computes the same thing with and without CP (autocast would round the torch
     backend's matmuls, its fold and the saved incoming state to bf16, differently from the
     single-device path). Around it, a model's bf16 sums still round differently at rank boundaries
     (e.g. the conv halo's gradient adds two bf16 partial sums): bf16-level, not bit-identical."""
@@ -211,8 +212,11 @@ class ChunkCPGatedDeltaRuleFunction(torch.autograd.Function):
 
         incoming = None
         if any(p.to_next for p in cp.parts):
-            # M of a span entered with a known-zero state is never used (DESIGN.md §2)
-            with_m = any(p.to_next and (p.from_prev or initial_state is not None) for p in cp.parts)
+            # M of a span entered with a known-zero state is never used (DESIGN.md §2): a sending segment
+            # starts from a nonzero state only in a part that passes one sequence through, or from
+            # initial_state
+            with_m = any(p.to_next and ((p.from_prev and p.first_seq == p.last_seq) or initial_state is not None)
+                         for p in cp.parts)
             sends = lambda slot: plan.last_segment(slot) if cp.parts[cp.local_parts[slot]].to_next else None
             summaries = _local_summaries(plan, sends, lambda segs: backend.summarize(prep, segs, with_m),
                                          (HV, K, V + K * with_m), q.device)
@@ -360,28 +364,6 @@ def _local_error(q, k, v, g, beta, cp: CPContext, initial_state, cu_seqlens, sca
     return None
 
 
-def _call_fields(cp: CPContext, ok: bool, q, k, v, g, beta, initial_state, output_final_state, l2norm_qk, scale):
-    """What every rank of a call must share: the state collectives' shapes follow from these, and the
-    rest decides what they compute. With `ok` False (this rank's arguments are bad) the same fields
-    hold zeros, so every rank still sends the same number of integers."""
-    return {
-        # the backward is collective: a rank under no_grad while the others record a graph would
-        # leave them in its all_gather (or pair it with this rank's next collective)
-        "records a graph (grad mode on and an input requires grad; the backward is collective)":
-            [comm.records_graph(q, k, v, g, beta, initial_state) if ok else 0],
-        "B/H/K/HV/V of q, k, v": [q.shape[0], q.shape[2], q.shape[3], v.shape[2], v.shape[3]] if ok else [0] * 5,
-        "dtype and device type of q, k, v": [comm.dtype_code(q.dtype if ok else None),
-                                             comm.dtype_code(q.device.type if ok else None)],
-        "initial_state (given, dtype)": [initial_state is not None if ok else 0,
-                                         comm.dtype_code(initial_state.dtype if ok and initial_state is not None
-                                                         else None)],
-        "output_final_state": [output_final_state if ok else 0],
-        "use_qk_l2norm_in_kernel": [l2norm_qk if ok else 0],
-        "scale (after defaulting to K ** -0.5)": [float(scale) if ok else 0.0],
-        "cp_context (world size, layout, cu_seqlens)": cp.fingerprint(),
-    }
-
-
 def _flag(x, name: str) -> bool:
     """A Python/NumPy bool or a one-element tensor as bool; anything else is an error (`bool()` of a
     multi-element array would raise on this rank only)."""
@@ -420,40 +402,26 @@ def chunk_cp_gated_delta_rule(
         output_final_state: return the final states `[N, HV, K, V]` fp32, identical on every rank
             (costs one all-reduce of that size).
         use_qk_l2norm_in_kernel: l2-normalise q and k over the head dim first.
-        backend: "auto" (triton on CUDA, torch elsewhere) | "torch" | "triton", or a backend object
-            (`fla_cp.ops.backends`), e.g. `TritonBackend(local_kernels="fla")`.
-        verify_agreement: check that every rank passes the same shapes, dtype, flags and context, and
-            that all or none of them record a graph for the backward (one tiny all_gather), before the
-            state collectives, so a mismatch raises instead of hanging. False skips only that
-            collective (this rank's own checks still run); for callers that already checked agreement
-            for the whole call, as `GatedDeltaNetCP` and the CP model do once per layer / per forward.
-            Every rank must pass the same value: where they differ, the check meets a state collective
-            and raises "ranks are in different collectives" when the sizes match (gloo aborts otherwise).
+        backend: "auto" (triton on CUDA, torch elsewhere) | "torch" (pure PyTorch, any device) |
+            "triton" (our and FLA's Triton kernels; off CUDA only in Triton's interpreter, for tests), or
+            a backend object (`fla_cp.ops.backends`), e.g. `TritonBackend(chunk_size=32)`.
+        verify_agreement: check first (one tiny all_gather, `fla_cp.checks`) that every rank passes the
+            same shapes, dtype, flags and context and that all or none record a graph, so that a mismatch
+            raises instead of hanging. False skips that collective (this rank's own checks still run), for
+            callers that checked the whole call already, as the CP model does; every rank must pass the
+            same value.
 
     Returns:
         o `[B, T_loc, HV, V]` (q's dtype) and the final state (or None).
 
-    Gradients: inputs replicated across the group (`initial_state`) receive partial gradients whose
-    sum over the group is the single-device gradient; the replicated output `final_state` has its
-    gradient summed over the group (as `torch.distributed.nn.functional.all_gather` does). Local
-    inputs get exactly their single-device gradients.
+    Gradients: an input replicated across the group (`initial_state`) receives partial gradients whose
+    sum over the group is the single-device gradient; the replicated `final_state` has its gradient
+    summed over the group. Local inputs get exactly their single-device gradients. The backward is
+    collective: every rank must backpropagate through this call's outputs. Double backward raises.
 
-    Bad input raises ValueError on every rank, naming the argument and the rank. Head dims: K <= 256
-    (FLA's chunk kernels hold K rows of the state); V is not limited. One mistake cannot be told to the
-    other ranks, because it leaves this rank without the group: `cp_context=None` or a non-context on
-    one rank only (that rank runs alone or raises TypeError; the others wait for it in the agreement
-    check).
-
-    Backward is collective too: every rank of the group must backpropagate through this call's
-    outputs. A rank that records no graph (under `no_grad`, or no input requires grad) while the
-    others do is caught in the forward's agreement check. A rank that records one but does not
-    backpropagate (its loss does not depend on the outputs; use `0 * o.sum()` there) leaves the others
-    in the backward all_gather: they wait, or, when that rank's next agreement check meets them there
-    with the same size, that rank raises "ranks are in different collectives" (the ranks in the
-    backward receive its vector as data and cannot tell). Double backward is not supported and raises.
-    Compute is fp32 inside (states, summaries, chunk math) for fp32, bf16 and fp16 inputs; float64
-    inputs are accepted but also computed in fp32. Autocast does not reach inside (as with FLA's
-    kernels): under bf16 autocast the op computes what it computes on the same inputs without it.
+    Bad input raises ValueError on every rank, naming the argument and the rank. Compute is fp32 inside
+    (states, summaries, chunk math); autocast does not reach inside. K <= 256; V is not limited.
+    Contract, errors and what the group cannot be told: docs/ops.md; the math: docs/DESIGN.md §1-§4.
     """
     cp, single = cp_context, cp_context is None
     if single:
@@ -481,9 +449,9 @@ def chunk_cp_gated_delta_rule(
             where = "" if single else f"rank {cp.rank}: "
             raise ValueError(f"chunk_cp_gated_delta_rule: {where}{error}")
     else:
-        comm.check_agreement(cp.group, error, _call_fields(cp, error is None, q, k, v, g, beta, initial_state,
-                                                           output_final_state, use_qk_l2norm_in_kernel, scale),
-                             what="chunk_cp_gated_delta_rule")
+        checks.check_agreement(cp.group, error, checks.op_fields(cp, error is None, q, k, v, g, beta, initial_state,
+                                                                 output_final_state, use_qk_l2norm_in_kernel, scale),
+                               what="chunk_cp_gated_delta_rule")
 
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)

@@ -2,8 +2,8 @@
 
 The global token stream (one row of length T, or a packed stream with global `cu_seqlens`) is cut into
 *parts*: P parts (`contiguous`) or 2P parts (`zigzag`, rank r holds parts r and 2P-1-r). The state
-chain runs over the parts in global order. Everything here is plain Python on CPU, computed once per
-context; no tensor on the compute device is touched until `shard`/`unshard`.
+chain runs over the parts in global order (docs/DESIGN.md §4, §7). Everything here is plain Python on
+CPU, computed once per context; no tensor on the compute device is touched until `shard`/`unshard`.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from fla_cp import checks
 from fla_cp.ops import comm
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -92,8 +93,8 @@ class CPContext:
 
     def fingerprint(self) -> list[int]:
         """Integers that differ between contexts describing different splits; for agreement checks."""
-        return [self.world_size, LAYOUTS.index(self.layout), self.total_len, self.num_seqs,
-                _checksum(self.cu_seqlens.tolist())]
+        return list(self.memo("fingerprint", lambda: (self.world_size, LAYOUTS.index(self.layout), self.total_len,
+                                                      self.num_seqs, checks.checksum(self.cu_seqlens.tolist()))))
 
     def local_cu_seqlens(self, device=None) -> torch.Tensor:
         """Boundaries of this rank's segments within its local tokens, int64 `[S+1]`."""
@@ -136,23 +137,8 @@ class CPContext:
         """
         error = _unshard_error(self, x, dim, grad)
         if verify_agreement and self.world_size > 1:
-            ok = error is None
-            ndim = x.ndim if ok else 0
-            d = dim % ndim if ok else 0
-            # the shape with the gathered dim blanked, in a fixed number of slots (so that every rank
-            # sends as many values whatever its ndim)
-            shape = [n if i != d else -1 for i, n in enumerate(x.shape)] if ok else []
-            shape = (shape + [0] * 8)[:8] if len(shape) <= 8 else [-2, _checksum([n + 1 for n in shape])] + [0] * 6
-            fields = {
-                "ndim and gathered dim": [ndim, d],
-                "shape (gathered dim as -1)": shape,
-                "dtype and device type": [comm.dtype_code(x.dtype if ok else None),
-                                          comm.dtype_code(x.device.type if ok else None)],
-                "grad ('mean')": [grad == "mean"],
-                "records a graph (the backward is collective)": [comm.records_graph(x) if ok else 0],
-                "cp_context (world size, layout, cu_seqlens)": self.fingerprint(),
-            }
-            comm.check_agreement(self.group, error, fields, what="CPContext.unshard")
+            fields = checks.unshard_fields(self, x, dim, grad, error is None)
+            checks.check_agreement(self.group, error, fields, what="CPContext.unshard")
         elif error:
             raise ValueError(f"CPContext.unshard: rank {self.rank}: {error}")
         return _Unshard.apply(x, self, dim, grad == "mean")
@@ -297,9 +283,9 @@ def build_cp_context(
                      f"{min_len} parts of a {layout} split over {world_size} ranks")
     if verify_agreement:
         # every rank must agree on the split before any collective that depends on it
-        fingerprint = [len(cu), cu[-1], _checksum(cu), LAYOUTS.index(layout), seq_len is None] \
-            if error is None else [0] * 5
-        comm.check_agreement(group, error, {"cu_seqlens/seq_len/layout": fingerprint}, what="build_cp_context")
+        fields = checks.split_fields(cu if error is None else None, LAYOUTS.index(layout) if error is None else 0,
+                                     seq_len is None)
+        checks.check_agreement(group, error, fields, what="build_cp_context")
     elif error:
         raise ValueError(f"build_cp_context: rank {rank}: {error}")
 
@@ -346,10 +332,3 @@ def _as_int(x) -> int | None:
 
 def parts_of_rank(layout: str, rank: int, world_size: int) -> list[int]:
     return [rank] if layout == "contiguous" else [rank, 2 * world_size - 1 - rank]
-
-
-def _checksum(values: list[int]) -> int:
-    h = 0
-    for v in values:
-        h = (h * 1000003 + v) % (1 << 61)
-    return h

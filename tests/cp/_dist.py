@@ -3,7 +3,8 @@
     results = run_ranks(fn, world_size=3, args=(...,))   # list of fn's return values, by rank
 
 `fn(rank, world_size, *args)` runs in a fresh process with `torch.distributed` initialised (gloo,
-default group). Any exception on any rank is re-raised here with that rank's traceback; a rank that
+default group) and the suite's Triton patches applied (`_interpret.enable_test_patches`). Any
+exception on any rank is re-raised here with that rank's traceback; a rank that
 hangs is killed after `timeout` seconds and the call fails, so a test never hangs the suite.
 """
 from __future__ import annotations
@@ -28,6 +29,9 @@ def _worker(rank, world_size, port, fn, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
+        # the suite's Triton patches, as in the pytest process (conftest.py): fla_cp applies none
+        from _interpret import enable_test_patches
+        enable_test_patches()
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         # serialise to bytes: tensors sent through the queue as shared memory would vanish when

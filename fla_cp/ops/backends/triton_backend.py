@@ -7,16 +7,19 @@ On CUDA
               bwd_dqkwg, prepare_wy_repr_bwd, reverse cumsum) without its cp_context branch
     summarize / state_grad   `fla_cp.ops.triton.chunk_summary_fwd / _bwd` on the same g, w, u.
 
-Elsewhere (CPU, where our kernels run in Triton's interpreter) prepare/forward/backward delegate to
-the torch backend by default, while summarize/state_grad still run our Triton kernels, fed with g, w,
-u in FLA's meaning and layout taken from the torch backend's prep (`fla_layout`). With
-`local_kernels="fla"` the CUDA path itself runs on CPU: FLA's kernels in the interpreter (see
-`fla_cp.utils.triton_interpreter`; slow, for tests of this file's FLA calls).
+Off CUDA the same path runs in Triton's interpreter only (tests): FLA's kernels and ours must have
+been imported with TRITON_INTERPRET=1 and FLA's need the interpreter patches of
+`scripts/triton_patches.py`, which fla_cp never applies itself (`fla_cp.utils.triton_interpreter`
+checks for them; slow). Tests of our summary kernels alone may instead delegate prepare / forward /
+backward to the torch backend off CUDA (the private `_local="auto"`, see `TritonBackend`):
+summarize / state_grad then run our kernels on g, w, u in FLA's meaning and layout taken from the
+torch backend's prep (`fla_layout`).
 
 See `fla_cp/ops/backends/base.py` for the contract.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,49 +65,70 @@ def wy_prep_torch(k, v, g, beta, cu_seqlens, chunk_size: int = CHUNK):
     return fla_layout(TorchBackend(chunk_size).prepare(k, k, v, g, beta, cu_seqlens, scale=1.0))
 
 
-LOCAL_KERNELS = ('auto', 'fla', 'torch')
+# deprecated `local_kernels=` -> the private `_local` (one vocabulary: fla_cp.ops.backends.BACKENDS)
+_LOCAL_KERNELS = {'fla': 'triton', 'auto': 'auto', 'torch': 'torch'}
+WHO = "backend='triton'"
 
 
-def _interpreted_error(device: torch.device) -> str | None:
-    """Why our summary kernels cannot run on `device`, or None: off CUDA they run only in Triton's
-    interpreter, chosen when they are decorated (when `fla_cp.ops.triton` is first imported)."""
+def _fla_kernel():
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_kernel_h_blockdim64 as kernel
+    return kernel
+
+
+def _off_cuda_error(device: torch.device, fla: bool, ours: bool) -> str | None:
+    """Why the kernels a call runs off CUDA (FLA's chunk kernels with `fla`, our summary kernels with
+    `ours`) cannot run on `device`, or None. Off CUDA they run only in Triton's interpreter, chosen when
+    they are decorated (first imported), and FLA's need the interpreter patches that fla_cp does not
+    apply (`scripts/triton_patches.py`). Checks only."""
     if device.type == 'cuda':
         return None
-    from fla_cp.ops.triton.chunk_summary import chunk_summary_fwd_kernel
-    from fla_cp.utils.triton_interpreter import is_interpreted
-    if is_interpreted(chunk_summary_fwd_kernel):
-        return None
-    return (f"backend='triton' needs CUDA tensors (got {device.type}), or TRITON_INTERPRET=1 set before "
-            "fla_cp's Triton kernels are first imported (tests); use backend='torch'")
-
-
-def _check_fla_interpreted():
-    """FLA's kernels off CUDA only run in Triton's interpreter, which is chosen when they are imported."""
-    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_kernel_h_blockdim64 as kernel
-
-    from fla_cp.utils.triton_interpreter import require_interpreted
-    require_interpreted(kernel, "TritonBackend(local_kernels='fla')")
+    from fla_cp.utils.triton_interpreter import interpreter_patched, is_interpreted
+    kernels = []
+    if fla:
+        kernels.append(_fla_kernel())
+    if ours:
+        from fla_cp.ops.triton.chunk_summary import chunk_summary_fwd_kernel
+        kernels.append(chunk_summary_fwd_kernel)
+    if not all(is_interpreted(k) for k in kernels):
+        return (f"{WHO} needs CUDA tensors (got {device.type}): off CUDA it runs FLA's and fla_cp's Triton "
+                "kernels in Triton's interpreter only (tests), so set TRITON_INTERPRET=1 before FLA is first "
+                "imported; or use backend='torch'")
+    if fla and not interpreter_patched():
+        return (f"{WHO} off CUDA runs FLA's kernels in Triton's interpreter, which needs process-wide "
+                "interpreter patches that fla_cp does not apply itself: call enable_fla_kernels_in_interpreter() "
+                "from scripts/triton_patches.py first (tests: tests/cp/_interpret.py); or use backend='torch'")
+    return None
 
 
 class TritonBackend:
-    """FLA's chunk kernels + fla_cp's summary kernels; see `base.py` for the contract.
+    """FLA's chunk kernels + fla_cp's summary kernels, what `backend="triton"` runs; see `base.py` for
+    the contract. On CUDA, or off CUDA in Triton's interpreter (tests; see the module docstring).
 
-    local_kernels: who computes the local chunk forward/backward: "auto" (FLA's kernels on CUDA, the
-    torch backend elsewhere), "fla" (FLA's kernels on any device; on CPU in Triton's interpreter,
-    which must have been on when FLA was imported), "torch".
+    local_kernels: deprecated (one release; FutureWarning). "fla" is the default now; "auto" (the torch
+        backend's local compute off CUDA) and "torch" (always) remain only for tests, through the
+        private `_local` ("triton" default, "auto" or "torch": who computes the local chunk
+        forward/backward; our kernels always compute the summaries). Use backend="torch" for PyTorch.
     """
     name = 'triton'
 
-    def __init__(self, chunk_size: int = CHUNK, local_kernels: str = 'auto'):
-        if local_kernels not in LOCAL_KERNELS:
-            raise ValueError(f"local_kernels must be one of {LOCAL_KERNELS}, got {local_kernels!r}")
+    def __init__(self, chunk_size: int = CHUNK, local_kernels: str | None = None, *, _local: str = 'triton'):
+        if local_kernels is not None:
+            if local_kernels not in _LOCAL_KERNELS:
+                raise ValueError(f"local_kernels must be one of {tuple(_LOCAL_KERNELS)}, got {local_kernels!r}")
+            warnings.warn("TritonBackend(local_kernels=...) is deprecated (removed in the next release): "
+                          "TritonBackend() / backend='triton' runs FLA's kernels on every device now (off CUDA in "
+                          "Triton's interpreter), what local_kernels='fla' did; for PyTorch compute use "
+                          "backend='torch'", FutureWarning, stacklevel=2)
+            _local = _LOCAL_KERNELS[local_kernels]
+        if _local not in ('auto', 'triton', 'torch'):
+            raise ValueError(f"_local must be one of ('auto', 'triton', 'torch'), got {_local!r}")
         # FLA's chunk kernels take 16, 32 or 64; tl.arange (ours and theirs) needs a power of two, and
         # tl.dot blocks of at least 16
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 16 \
                 or chunk_size & (chunk_size - 1):
             raise ValueError(f"TritonBackend: chunk_size must be a power of two >= 16, got {chunk_size!r}")
         self.chunk_size = chunk_size
-        self.local_kernels = local_kernels
+        self._local = _local
         self._torch = None
 
     # -- CPU / interpreter delegate -------------------------------------------------------------
@@ -114,23 +138,24 @@ class TritonBackend:
             self._torch = TorchBackend(chunk_size=self.chunk_size)
         return self._torch
 
+    def _fla_local(self, device: torch.device) -> bool:
+        """Whether FLA's kernels compute the local chunks on `device` (else the torch backend)."""
+        return self._local == 'triton' or self._local == 'auto' and device.type == 'cuda'
+
     def _on_fla(self, x: torch.Tensor) -> bool:
-        if self.local_kernels == 'auto':
-            return x.is_cuda
-        if self.local_kernels == 'fla' and not x.is_cuda:
-            _check_fla_interpreted()
-        return self.local_kernels == 'fla'
+        if not self._fla_local(x.device):
+            return False
+        if not x.is_cuda:
+            error = _off_cuda_error(x.device, fla=True, ours=False)
+            if error:
+                raise RuntimeError(error)
+        return True
 
     def check_device(self, device: torch.device, world_size: int = 1) -> None:
         """Refuse a device our kernels cannot run on (called by `get_backend`, so the op reports it in
         its agreement check, before any collective). Our summary kernels run only for a group of
-        several ranks: one rank's call off CUDA computes locally with the torch backend, as it always has."""
-        error = _interpreted_error(device) if world_size > 1 else None
-        if error is None and self.local_kernels == 'fla' and device.type != 'cuda':
-            try:
-                _check_fla_interpreted()
-            except RuntimeError as e:
-                error = str(e)
+        several ranks; FLA's (unless the private `_local` delegates to the torch backend) always."""
+        error = _off_cuda_error(device, fla=self._fla_local(device), ours=world_size > 1)
         if error:
             raise ValueError(error)
 

@@ -23,30 +23,12 @@ FP32_DOT_PRECISION = 'tf32x3' if torch.version.hip is None else 'ieee'
 
 
 def autotune_enabled() -> bool:
-    """`FLA_CP_AUTOTUNE=0` launches the first config untuned (correctness runs on many tiny shapes,
-    where tuning every shape would cost more than the tests). It covers FLA's autotuned kernels too
-    (`untuned_autotuners`): on a fresh GPU, tuning them compiles every config of every kernel for
-    every new shape, minutes that a correctness run does not need."""
+    """`FLA_CP_AUTOTUNE=0` launches our kernels' first config untuned (correctness runs on many tiny
+    shapes, where tuning every shape would cost more than the tests). FLA's autotuned kernels follow
+    it only where the caller applies `untuned_autotuners` of `scripts/triton_patches.py` (a
+    process-wide patch of Triton's autotuner, which fla_cp itself never applies; the test suite and
+    `scripts/gpu_check.sh` do)."""
     return os.environ.get('FLA_CP_AUTOTUNE', '1') != '0'
-
-
-def untuned_autotuners() -> None:
-    """Make every `triton.autotune` kernel (FLA's included) honour `FLA_CP_AUTOTUNE=0`: its configs
-    are pruned to the first one, so nothing is compiled or timed beyond the launch itself (Triton 3.7+
-    then skips benchmarking; 3.6 times the one config once). Read whenever a kernel meets a new
-    tuning key (keys met before keep their config; Triton's on-disk tuning cache is keyed by the
-    config list, so untuned picks never stand in for tuned ones). A no-op while unset. Idempotent."""
-    from triton.runtime import autotuner
-    prune = autotuner.Autotuner.prune_configs
-    if getattr(prune, 'fla_cp_untuned', False):
-        return
-
-    def prune_configs(self, *args, **kwargs):
-        configs = prune(self, *args, **kwargs)
-        return configs if autotune_enabled() else configs[:1]
-
-    prune_configs.fla_cp_untuned = True
-    autotuner.Autotuner.prune_configs = prune_configs
 
 
 def autotuned(kernel, configs: list[triton.Config], key: list[str], prune=None):
@@ -61,11 +43,6 @@ def autotuned(kernel, configs: list[triton.Config], key: list[str], prune=None):
     interpreted = isinstance(kernel, InterpretedFunction)
     cache = {'cache_results': True} if 'cache_results' in inspect.signature(triton.autotune).parameters else {}
     tuned = []
-
-    if interpreted:
-        from fla_cp.utils.triton_interpreter import fix_scalar_index
-        fix_scalar_index()
-    untuned_autotuners()
 
     def launch(grid, **kwargs):
         if interpreted or not autotune_enabled():

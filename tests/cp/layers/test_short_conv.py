@@ -1,5 +1,6 @@
-"""The short conv's FLA backend (`causal_conv(backend="fla")`, `GatedDeltaNetCP(conv_backend="fla")`)
-against the pure-PyTorch window sum, on CPU: FLA's Triton `causal_conv1d` runs in Triton's interpreter.
+"""The short conv's triton backend (`causal_conv(backend="triton")`, FLA's Triton `causal_conv1d`; in the
+layer `GatedDeltaNetCP(backend="triton")`) against the pure-PyTorch window sum, on CPU: FLA's kernels
+run in Triton's interpreter.
 
 `triton.jit` picks interpreter vs compiler when a kernel is decorated, i.e. when FLA is imported, and
 this test process imports FLA compiled. So the FLA side runs in spawned processes (gloo ranks) that
@@ -103,7 +104,7 @@ def test_causal_conv_fla_compiled_cuda():
     """The same cases on a GPU: FLA's compiled kernels vs the window sum on the CPU."""
     seed = torch.randint(0, 2**31 - 1, ()).item()
     for case in KERNEL_CASES:
-        assert_kernel_case_close(case, seed, run_kernel_case(seed, case, "fla", device="cuda"),
+        assert_kernel_case_close(case, seed, run_kernel_case(seed, case, "triton", device="cuda"),
                                  run_kernel_case(seed, case, "torch"))
 
 
@@ -116,7 +117,7 @@ def _decode_worker(seed):
     """Prefill with a cache, then token-by-token decode, on the FLA conv: outputs of the whole pass."""
     from fla.models.cache_utils import Cache
     from test_layer_cp import D
-    layer = make_layer(seed, conv_backend="fla")
+    layer = make_layer(seed, backend="triton")
     x = torch.randn(2, 13, D, generator=torch.Generator().manual_seed(seed))
     cache = Cache()
     with torch.no_grad():
@@ -160,7 +161,7 @@ def _continuation_worker(rank, world_size, kind, seed):
     from fla_cp.ops import build_cp_context
     c = CONTINUATION[kind]
     x0, x1 = continuation_inputs(kind, seed)
-    layer, cache, outs = make_layer(seed, conv_backend="fla"), Cache(), []
+    layer, cache, outs = make_layer(seed, backend="triton"), Cache(), []
     with torch.no_grad():
         for x, cu in ((x0, c["cu0"]), (x1, c["cu1"])):
             ctx = build_cp_context(None, cu_seqlens=cu, layout=c["layout"]) if kind == "packed" else \
@@ -177,12 +178,12 @@ def layer_specs(P: int) -> list[tuple[str, str, int]]:
 def _worker(rank, world_size, kernel_seed):
     """Everything on FLA's conv, interpreted: the kernel cases (one rank), the layer under CP and, on
     one rank, prefill + decode with the cache."""
-    out = {"layer": _cp_worker(rank, world_size, layer_specs(world_size), dict(conv_backend="fla"))}
+    out = {"layer": _cp_worker(rank, world_size, layer_specs(world_size), dict(backend="triton"))}
     if world_size > 1:
         out["continuation"] = {kind: _continuation_worker(rank, world_size, kind, 700 + i)
                                for i, kind in enumerate(CONTINUATION)}
     if world_size == 1:
-        out["kernel"] = (kernel_seed, [run_kernel_case(kernel_seed, case, "fla") for case in KERNEL_CASES])
+        out["kernel"] = (kernel_seed, [run_kernel_case(kernel_seed, case, "triton") for case in KERNEL_CASES])
         out["decode"] = _decode_worker(layer_specs(1)[0][2])
     return out
 
@@ -198,7 +199,8 @@ def single_rank():
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("P", [1, 3])
 def test_layer_fla_conv_matches_torch_conv(P, request):
-    """CP layer with FLA's conv (halo as initial_state, dh0 back to the owner) == one process, torch conv."""
+    """CP layer with FLA's conv (halo as initial_state, dh0 back to the owner) == one process, torch conv.
+    backend="triton" runs the operator on FLA's chunk kernels and ours too (all interpreted on CPU)."""
     if P == 1:
         result = request.getfixturevalue("single_rank")
     else:
@@ -224,10 +226,10 @@ def test_conv_backend_choice():
     from fla_cp.layers.short_conv_cp import causal_conv, resolve_conv_backend
     x = torch.randn(5, 4)
     assert resolve_conv_backend("auto", x) == "torch" and resolve_conv_backend("torch", x) == "torch"
-    with pytest.raises(ValueError, match="conv backend must be one of"):
+    with pytest.raises(ValueError, match="backend must be one of"):
         causal_conv(x, torch.randn(4, 4), None, [(0, 5)], backend="cuda")
-    with pytest.raises(ValueError, match="conv_backend must be one of"):
-        GatedDeltaNetCP(hidden_size=32, head_dim=8, num_heads=2, conv_backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        GatedDeltaNetCP(hidden_size=32, head_dim=8, num_heads=2, backend="fla")   # "fla": the conv's old name
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="FLA's kernels run compiled on a GPU")
@@ -237,8 +239,8 @@ def test_fla_conv_needs_interpreter():
         import torch
         from fla_cp.layers import GatedDeltaNetCP
         from fla_cp.layers.short_conv_cp import causal_conv
-        for call in (lambda: causal_conv(torch.randn(5, 4), torch.randn(4, 4), None, [(0, 5)], backend="fla"),
-                     lambda: GatedDeltaNetCP(hidden_size=32, head_dim=8, num_heads=2, conv_backend="fla")(
+        for call in (lambda: causal_conv(torch.randn(5, 4), torch.randn(4, 4), None, [(0, 5)], backend="triton"),
+                     lambda: GatedDeltaNetCP(hidden_size=32, head_dim=8, num_heads=2, backend="triton")(
                          torch.randn(1, 5, 32))):
             try:
                 call()
@@ -250,6 +252,6 @@ def test_fla_conv_needs_interpreter():
     assert run.returncode == 0, run.stderr[-2000:]
     lines = [line for line in run.stdout.splitlines() if line.startswith("RuntimeError:")]
     assert len(lines) == 2, run.stdout + run.stderr[-2000:]
-    assert lines[0].startswith("RuntimeError: causal_conv(backend='fla') off CUDA"), lines[0]
-    assert lines[1].startswith("RuntimeError: GatedDeltaNetCP(conv_backend='fla') off CUDA"), lines[1]
+    assert lines[0].startswith("RuntimeError: causal_conv(backend='triton') off CUDA"), lines[0]
+    assert lines[1].startswith("RuntimeError: GatedDeltaNetCP(backend='triton') off CUDA"), lines[1]
     assert all("TRITON_INTERPRET=1 before FLA is first imported" in line for line in lines)

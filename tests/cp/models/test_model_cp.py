@@ -82,7 +82,7 @@ def pretend_fla_loss_kernels(setattr_=setattr) -> list[str]:
     """Route the model's CUDA-only FLA loss kernels to torch stand-ins with the same interface and
     reduction (FLA's own kernels are tested by FLA; this checks what the model does around them).
     Returns the list the stand-ins append their names to when called."""
-    import fla_cp.models.gated_deltanet_cp.modeling_gated_deltanet_cp as modeling
+    import fla_cp.parallel.loss as modeling       # where the model's loss calls FLA's kernels
     calls = []
 
     class LinearCE(torch.nn.Module):
@@ -105,7 +105,7 @@ def pretend_fla_loss_kernels(setattr_=setattr) -> list[str]:
             return torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=self.ignore_index,
                                                      reduction=self.reduction)
 
-    setattr_(modeling, "_fla_loss_kernels_run_on", lambda device: True)
+    setattr_(modeling, "fla_loss_kernels_run_on", lambda device: True)
     setattr_(modeling, "FusedLinearCrossEntropyLoss", LinearCE)
     setattr_(modeling, "FusedCrossEntropyLoss", CE)
     return calls
@@ -336,8 +336,8 @@ def test_errors_single_process():
 
 
 def test_config_picks_the_kernels(monkeypatch):
-    """kernel_backend / conv_backend go from the config (and from_pretrained's kwargs) to every layer:
-    the operator is called with the configured backend, and conv_backend="fla" reaches the conv."""
+    """backend goes from the config (and from_pretrained's kwargs, over the saved one) to every layer:
+    the operator is called with the configured backend, and backend="triton" reaches the conv."""
     import fla_cp.layers.gated_deltanet_cp as layer_module
     seen, real = [], layer_module.chunk_cp_gated_delta_rule
 
@@ -347,18 +347,20 @@ def test_config_picks_the_kernels(monkeypatch):
 
     monkeypatch.setattr(layer_module, "chunk_cp_gated_delta_rule", spy)
     ids = torch.randint(0, VOCAB, (1, 12))
-    model = make_model(kernel_backend="torch")
+    model = make_model(backend="torch")
     with torch.no_grad():
         model(ids)
     assert seen == ["torch"] * SMALL["num_hidden_layers"]
-    with pytest.raises(ValueError, match="kernel_backend must be one of"):
-        GatedDeltaNetCPConfig(**SMALL, kernel_backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        GatedDeltaNetCPConfig(**SMALL, backend="cuda")
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
-        loaded = GatedDeltaNetCPForCausalLM.from_pretrained(d, conv_backend="fla")
-    assert loaded.config.kernel_backend == "torch" and loaded.model.layers[0].attn.conv_backend == "fla"
+        kept = GatedDeltaNetCPForCausalLM.from_pretrained(d)
+        loaded = GatedDeltaNetCPForCausalLM.from_pretrained(d, backend="triton")
+    assert kept.config.backend == "torch" and kept.model.layers[0].attn.backend == "torch"
+    assert loaded.config.backend == "triton" and loaded.model.layers[0].attn.backend == "triton"
     if not torch.cuda.is_available():   # FLA was imported compiled here: its conv cannot run on CPU
-        with pytest.raises(RuntimeError, match=r"GatedDeltaNetCP\(conv_backend='fla'\) off CUDA"):
+        with pytest.raises(RuntimeError, match=r"GatedDeltaNetCP\(backend='triton'\) off CUDA"):
             loaded(ids)
 
 

@@ -206,15 +206,16 @@ def _unshard_grads(model):
 
 def _count_checks(model, ids):
     """Agreement checks (tiny all_gathers) per forward: prefill and decode run exactly one each."""
+    from fla_cp import checks
     from fla_cp.ops import comm
-    calls, real = [], comm.check_agreement
+    calls, real = [], checks.check_agreement
 
     def spy(group, *args, **kwargs):
         if comm.world_size(group) > 1:      # one-rank contexts (single-device ops) do not communicate
             calls.append(group)
         return real(group, *args, **kwargs)
 
-    comm.check_agreement = spy
+    checks.check_agreement = spy
     try:
         counts = []
         with torch.no_grad():
@@ -225,7 +226,7 @@ def _count_checks(model, ids):
             counts.append(len(calls) - counts[0])
             model.train()
     finally:
-        comm.check_agreement = real
+        checks.check_agreement = real
     return counts
 
 

@@ -136,11 +136,10 @@ def test_auto_class_loads_fla_checkpoint(fla_ckpt):
     assert same_weights(model, fla_ckpt["state"])
     check_matches_fla(model, fla_ckpt, "Auto, no kwargs")
 
-    model = AutoModelForCausalLM.from_pretrained(fla_ckpt["path"], cp_size=1, kernel_backend="torch",
-                                                 conv_backend="torch")
-    assert model.cp_size == 1 and model.config.kernel_backend == "torch" and model.config.conv_backend == "torch"
-    assert all(layer.attn.conv_backend == "torch" for layer in model.model.layers)
-    check_matches_fla(model, fla_ckpt, "Auto, cp_size=1 kernel_backend=torch")
+    model = AutoModelForCausalLM.from_pretrained(fla_ckpt["path"], cp_size=1, backend="torch")
+    assert model.cp_size == 1 and model.config.backend == "torch"
+    assert all(layer.attn.backend == "torch" for layer in model.model.layers)
+    check_matches_fla(model, fla_ckpt, "Auto, cp_size=1 backend=torch")
 
     with pytest.raises(ValueError, match="cp_layout must be one of"):
         AutoModelForCausalLM.from_pretrained(fla_ckpt["path"], cp_layout="ring")
@@ -151,17 +150,17 @@ def test_auto_class_loads_fla_checkpoint(fla_ckpt):
 def test_fla_config_from_config_and_conversion(fla_ckpt):
     from transformers import AutoModelForCausalLM
     fla_config = fla_ckpt["config"]
-    model = AutoModelForCausalLM.from_config(fla_config, kernel_backend="torch")
-    assert type(model) is GatedDeltaNetCPForCausalLM and model.config.kernel_backend == "torch"
-    assert type(fla_config).__name__ == "GatedDeltaNetConfig" and not hasattr(fla_config, "kernel_backend")
+    model = AutoModelForCausalLM.from_config(fla_config, backend="torch")
+    assert type(model) is GatedDeltaNetCPForCausalLM and model.config.backend == "torch"
+    assert type(fla_config).__name__ == "GatedDeltaNetConfig" and not hasattr(fla_config, "backend")
 
     ours = GatedDeltaNetCPConfig.from_fla(fla_config, cp_layout="zigzag")
     assert ours.cp_size == 1 and ours.cp_layout == "zigzag" and ours.model_type == "gated_deltanet_cp"
     fla_fields = {k: v for k, v in fla_config.to_dict().items() if k not in ("model_type", "transformers_version")}
     assert {k: v for k, v in ours.to_dict().items() if k in fla_fields} == fla_fields
-    again = GatedDeltaNetCPConfig.from_fla(ours, kernel_backend="torch")    # a copy of ours
-    assert again is not ours and again.cp_layout == "zigzag" and again.kernel_backend == "torch"
-    assert ours.kernel_backend == "auto"
+    again = GatedDeltaNetCPConfig.from_fla(ours, backend="torch")    # a copy of ours
+    assert again is not ours and again.cp_layout == "zigzag" and again.backend == "torch"
+    assert ours.backend == "auto"
     # the config object of a from_pretrained call may be FLA's, too
     loaded = GatedDeltaNetCPForCausalLM.from_pretrained(fla_ckpt["path"], config=fla_config, cp_size=1)
     assert type(loaded.config) is GatedDeltaNetCPConfig and same_weights(loaded, fla_ckpt["state"])
@@ -179,13 +178,14 @@ def test_saved_config_has_no_cp_size(fla_ckpt, tmp_path):
     assert "cp_size" not in saved and saved["cp_layout"] == "zigzag" and saved["model_type"] == "gated_deltanet_cp"
     assert GatedDeltaNetCPConfig(cp_size=4).to_dict()["cp_size"] == 4        # in memory it stays
 
-    model = GatedDeltaNetCPForCausalLM.from_pretrained(fla_ckpt["path"], kernel_backend="torch")
+    model = GatedDeltaNetCPForCausalLM.from_pretrained(fla_ckpt["path"], backend="torch")
     model.save_pretrained(tmp_path / "ours")
     saved = json.loads((tmp_path / "ours" / "config.json").read_text())
-    assert "cp_size" not in saved and saved["kernel_backend"] == "torch"
+    assert "cp_size" not in saved and saved["backend"] == "torch"
+    assert "kernel_backend" not in saved and "conv_backend" not in saved
     assert saved["model_type"] == "gated_deltanet_cp"
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
-    assert type(again) is GatedDeltaNetCPForCausalLM and again.config.kernel_backend == "torch"
+    assert type(again) is GatedDeltaNetCPForCausalLM and again.config.backend == "torch"
     assert same_weights(again, fla_ckpt["state"])
     # FLA's own class still loads what we save: same parameter names
     fla_model, info = GatedDeltaNetForCausalLM.from_pretrained(tmp_path / "ours", output_loading_info=True)

@@ -276,20 +276,22 @@ def _triton_off_cuda_worker(rank, world_size):
         except ValueError as e:
             messages.append(str(e))
     o, _ = _call(rank, _inputs(), build_cp_context(None, seq_len=T), backend="torch")   # still in step
-    # one process's call runs no summary kernel: triton computes it locally with torch, as always
+    # one process's call runs no summary kernel: the triton backend of our kernels' CPU tests
+    # (`summary_kernels_backend`) computes it locally with torch, as always
+    from _interpret import summary_kernels_backend
     x = _inputs(T_loc=T)
     single = [chunk_cp_gated_delta_rule(*x.values(), backend=b, cu_seqlens=torch.tensor([0, 5, T]))[0]
-              for b in ("triton", "torch")]
+              for b in (summary_kernels_backend(), "torch")]
     assert torch.equal(single[0], single[1]), "backend='triton' on one process off CUDA differs from torch"
     return messages, tuple(o.shape)
 
 
 @pytest.mark.timeout(200)
 def test_triton_backend_off_cuda_without_interpreter(monkeypatch):
-    """backend='triton' on CPU tensors with our kernels compiled (TRITON_INTERPRET unset when they were
-    imported) raises on every rank before any collective; it once raised '0 active drivers' on one rank
-    inside the summary while another waited in the summary all_gather. A one-process call, which runs no
-    summary kernel, still works there."""
+    """backend='triton' on CPU tensors with the kernels compiled (TRITON_INTERPRET unset when FLA and ours
+    were imported) raises on every rank before any collective; it once raised '0 active drivers' on one
+    rank inside the summary while another waited in the summary all_gather. A one-process call of the
+    summary kernels' test backend, which runs no summary kernel, still works there."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # the spawned ranks import our kernels afresh
     for rank, (messages, shape) in enumerate(run_ranks(_triton_off_cuda_worker, P, (), timeout=150)):
         assert shape == (1, T // P, 2, 8)

@@ -1,11 +1,12 @@
 """The operator's multi-rank tests with `backend="triton"`: gloo ranks vs one process (torch backend)
 and vs FLA's naive recurrence, fp32, relative error <= 1e-5.
 
-On CPU the triton backend runs our summary kernels in Triton's interpreter (`_interpret`) around the
-torch backend's local chunk compute; on a GPU it runs FLA's chunk kernels and our compiled kernels,
-the gloo ranks sharing the one device. `test_op_fla_kernels_interpreted` runs the GPU path on CPU:
-FLA's chunk kernels in the interpreter too (`TritonBackend(local_kernels="fla")`), which checks every
-call this package makes into FLA (arguments, layouts, log2 gates, per-segment h0/dht) without a GPU.
+On CPU the tests of our summary kernels run them in Triton's interpreter (`_interpret`) around the
+torch backend's local chunk compute (`_interpret.summary_kernels_backend`); on a GPU the triton backend
+runs FLA's chunk kernels and our compiled kernels, the gloo ranks sharing the one device.
+`test_op_fla_kernels_interpreted` runs `backend="triton"` itself on CPU: FLA's chunk kernels in the
+interpreter too, which checks every call this package makes into FLA (arguments, layouts, log2 gates,
+per-segment h0/dht) without a GPU.
 
 The cases, inputs, loss and references are the operator suite's own (`test_chunk_cp.py`): dense and
 packed streams, zigzag, GVA, K != V and odd head dims, documents of 1-3 tokens on rank boundaries,
@@ -23,12 +24,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from _interpret import interpret_env, load_kernels
+from _interpret import interpret_env, load_kernels, summary_kernels_backend
 
 load_kernels()  # interpreted on CPU, compiled on a GPU
 
 from fla_cp.ops import build_cp_context, chunk_cp_gated_delta_rule  # noqa: E402
-from fla_cp.ops.backends.triton_backend import TritonBackend  # noqa: E402
 
 from _dist import run_ranks  # noqa: E402
 from test_chunk_cp import CASES, assert_close, loss_of, make_inputs, naive_case, rel_err  # noqa: E402
@@ -41,7 +41,8 @@ def run_case(case: dict, seed: int, backend: str, ctx=None):
     return run_chunk_cp_case(case, seed, ctx, backend=backend, device=DEVICE)
 
 
-def _triton_worker(rank, world_size, cases, seed, local_kernels="auto"):
+def _triton_worker(rank, world_size, cases, seed, backend=None):
+    """The cases on `backend` (None: `summary_kernels_backend()`) on this rank."""
     if DEVICE == "cuda":
         torch.cuda.set_device(0)
     results = []
@@ -53,7 +54,7 @@ def _triton_worker(rank, world_size, cases, seed, local_kernels="auto"):
             ctx = build_cp_context(None, seq_len=case["T"], layout=layout)
         if world_size == 1:
             ctx = None   # the plain single-device op
-        results.append(run_case(case, seed, TritonBackend(local_kernels=local_kernels), ctx))
+        results.append(run_case(case, seed, backend or summary_kernels_backend(), ctx))
     return results
 
 
@@ -74,11 +75,12 @@ def test_op_triton_multirank(world_size):
 # P=3 interprets FLA's kernels on three ranks (~40 s on 2 cores): slow, run by `pytest -m slow` (CI runs it)
 @pytest.mark.parametrize("world_size", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_op_fla_kernels_interpreted(world_size):
-    """The CUDA path of the triton backend on CPU: FLA's chunk kernels and ours, all interpreted.
-    Ranks are spawned with TRITON_INTERPRET=1 so FLA's kernels are decorated for the interpreter."""
+    """backend="triton" on CPU, the CUDA path: FLA's chunk kernels and ours, all interpreted. Ranks are
+    spawned with TRITON_INTERPRET=1 so FLA's kernels are decorated for the interpreter (and get the
+    suite's interpreter patches, `_dist.run_ranks`)."""
     seed = torch.randint(0, 2**31 - 1, ()).item()
     with interpret_env():
-        got = run_ranks(_triton_worker, world_size, (CASES, seed, "fla"), timeout=400)[0]
+        got = run_ranks(_triton_worker, world_size, (CASES, seed, "triton"), timeout=400)[0]
     for case, res in zip(CASES, got):
         label = f"triton+FLA kernels (interpreted) P={world_size} {case['name']} seed={seed}"
         assert_close(res, run_case(case, seed, "torch"), label + " vs torch single process")
@@ -91,7 +93,7 @@ def test_triton_backend_fla_needs_interpreter(fla_first):
     """FLA's kernels imported without TRITON_INTERPRET cannot run on CPU: a clear ValueError from the
     op's own checks (before any collective), not a Triton driver trace, whether ours were imported
     compiled too or interpreted (`fla_first`). One process runs no summary kernel of ours, so the message
-    is the one for local_kernels='fla' (ours compiled on several ranks: test_chunk_cp_errors.py).
+    is about FLA's kernels (ours compiled on several ranks: test_chunk_cp_errors.py).
     A fresh interpreter, since this process imported the kernels interpreted (`load_kernels`)."""
     code = textwrap.dedent(f"""
         import os
@@ -100,16 +102,14 @@ def test_triton_backend_fla_needs_interpreter(fla_first):
             os.environ["TRITON_INTERPRET"] = "1"  # ours interpreted
         import torch
         from fla_cp.ops import chunk_cp_gated_delta_rule
-        from fla_cp.ops.backends.triton_backend import TritonBackend
         x = torch.randn(1, 8, 1, 4)
-        chunk_cp_gated_delta_rule(x, x, x, -torch.rand(1, 8, 1), torch.rand(1, 8, 1),
-                                  backend=TritonBackend(local_kernels="fla"))
+        chunk_cp_gated_delta_rule(x, x, x, -torch.rand(1, 8, 1), torch.rand(1, 8, 1), backend="triton")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert "ValueError: chunk_cp_gated_delta_rule: " in run.stderr, run.stderr[-2000:]
-    assert "TritonBackend(local_kernels='fla') off CUDA" in run.stderr, run.stderr[-2000:]
+    assert "backend='triton' needs CUDA tensors" in run.stderr, run.stderr[-2000:]
     assert "TRITON_INTERPRET=1 before FLA is first imported" in run.stderr
 
 
@@ -129,10 +129,11 @@ def test_op_triton_wide_values():
 
 
 def test_op_triton_single_process():
-    """P = 1 with the triton backend (no summaries cross ranks) vs the torch backend and naive."""
+    """P = 1 with the triton backend (no summaries cross ranks; on CPU `summary_kernels_backend`) vs the
+    torch backend and naive."""
     seed = torch.randint(0, 2**31 - 1, ()).item()
     for case in CASES:
-        res = run_case(case, seed, "triton")
+        res = run_case(case, seed, "triton" if DEVICE == "cuda" else summary_kernels_backend())
         label = f"triton P=1 {case['name']} seed={seed}"
         assert_close(res, run_case(case, seed, "torch"), label + " vs torch")
         assert_close(res, naive_case(case, seed), label + " vs naive")
