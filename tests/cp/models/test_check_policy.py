@@ -8,6 +8,7 @@ import torch
 
 from fla_cp import checks
 from fla_cp.models import GatedDeltaNetCPConfig, GatedDeltaNetCPForCausalLM, sync_gradients
+from fla_cp.ops import comm
 
 from _counting import count_costs
 from _dist import run_ranks
@@ -42,7 +43,8 @@ class _CheckSpy:
         self.real = checks.check_agreement
 
         def spy(group, error, fields, what):
-            self.calls.append(what)
+            if comm.world_size(group) > 1:      # one-rank contexts (single-device ops) do not communicate
+                self.calls.append(what)
             return self.real(group, error, fields, what)
         checks.check_agreement = spy
         return self
@@ -89,6 +91,23 @@ def _worker_policy(rank, world):
                 model(**batch(2))
         seen.append(len([w for w in spy.calls if w.startswith("GatedDeltaNetCP")]))
     res["train/eval"] = seen
+    # a new wrapper around the same model every step: sync_gradients' signature does not depend on the
+    # wrapper object (an id could be reused on one rank only and make the ranks decide differently)
+    seen = []
+    for step in range(3):
+        wrapper = torch.nn.ModuleDict({"lm": model})
+        with _CheckSpy() as spy:
+            opt.zero_grad()
+            model(**batch(1)).loss.backward()
+            sync_gradients(wrapper)
+        seen.append(spy.calls.count("sync_gradients"))
+    res["wrappers"] = seen
+    # generation: the prompt check, the prefill's and the first decode step's; the later steps share
+    # the first one's signature (the cache length is content)
+    model.eval()
+    with torch.no_grad(), _CheckSpy() as spy:
+        tokens = model.generate(batch(5)["input_ids"][:, :20], max_new_tokens=6, do_sample=False)
+    res["generate"] = (list(spy.calls), tuple(tokens.shape))
     return res
 
 
@@ -114,6 +133,10 @@ def test_steady_state_makes_no_checks():
                 assert set(syncs) <= allowed and syncs.get("_host_boundaries", 1) == 1, (rank, tag, i, syncs)
         assert res["lengths"] == [1, 1, 0, 0, 0], (rank, res["lengths"])
         assert res["train/eval"] == [1, 0], (rank, res["train/eval"])
+        assert res["wrappers"] == [0, 0, 0], (rank, res["wrappers"])      # agreed on by the steps above
+        calls, shape = res["generate"]
+        assert shape == (2, 26) and calls == ["GatedDeltaNetCPForCausalLM.generate", "GatedDeltaNetCPModel",
+                                              "GatedDeltaNetCPModel"], (rank, calls)
 
 
 def _worker_debug(rank, world):
