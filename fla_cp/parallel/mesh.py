@@ -22,8 +22,8 @@ def init_cp_mesh(cp_size: int, device_type: str | None = None):
         raise ValueError(f"cp_size must be >= 1, got {cp_size}")
     if not (dist.is_available() and dist.is_initialized()):
         if cp_size > 1:
-            raise ValueError(f"cp_size={cp_size} needs torch.distributed: launch with torchrun (or call "
-                             f"torch.distributed.init_process_group first), or use cp_size=1")
+            raise ValueError(f"cp_size={cp_size} needs torch.distributed: launch with torchrun and call "
+                             f"torch.distributed.init_process_group() first, or use cp_size=1")
         return None
     world = dist.get_world_size()
     if world % cp_size:
