@@ -465,3 +465,20 @@ def checksum(values: list[int]) -> int:
     for v in values:
         h = (h * 1000003 + v) % (1 << 61)
     return h
+
+
+def attention_fields(cp, ok: bool, q, k, v, causal, window, scale, mask_given: bool) -> dict:
+    """`attention_cp`: the K/V gather (full attention) or halo gather (window) and their backward follow
+    from these; the rest decides what they compute. `window` 0 for None; `scale` after defaulting."""
+    return {
+        "records a graph (grad mode on and an input requires grad; the backward is collective)":
+            [records_graph(q, k, v) if ok else 0],
+        "B/H/D of q, Hkv/Dv of v": [q.shape[0], q.shape[2], q.shape[3], v.shape[2], v.shape[3]] if ok else [0] * 5,
+        "dtype and device type of q, k, v": [dtype_code(q.dtype if ok else None),
+                                             dtype_code(q.device.type if ok else None)],
+        "causal": [bool(causal) if ok else 0],
+        "window_size (0: unlimited)": [int(window or 0) if ok else 0],
+        "scale (after defaulting to D ** -0.5)": [float(scale) if ok else 0.0],
+        "attention_mask given": [bool(mask_given) if ok else 0],
+        "cp_context (world size, layout, cu_seqlens)": cp.fingerprint(),
+    }

@@ -19,7 +19,7 @@ sequence's last W inputs (oldest first).
   `causal_conv1d`, the autograd-enabled public function FLA's own layer uses, on the flat stream as
   one packed batch (`cu_seqlens` from the segments). A segment's halo or decode cache `[W-1, D]` is its
   `initial_state` `[D, W]` (transposed, one leading column that FLA never reads), so FLA's kernels
-  return the halo gradient (dh0), which `_GatherTails` then routes to its owner rank. The final state
+  return the halo gradient (dh0), which `fla_cp.ops.halo` then routes to its owner rank. The final state
   is gathered here (the last W inputs, exact copies), not taken from FLA: FLA's backward drops the
   gradient of its slot 0 (dead for decoding, but part of the returned tensor). Off CUDA this backend
   runs only in Triton's interpreter, with the patches of `scripts/triton_patches.py` (tests; see
@@ -31,7 +31,6 @@ sequence's last W inputs (oldest first).
 """
 from __future__ import annotations
 
-import bisect
 import functools
 import warnings
 from typing import NamedTuple
@@ -40,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fla_cp.ops import comm
 from fla_cp.ops.backends import BACKENDS
+from fla_cp.ops.halo import gathered_part_tails, halo_rows
 
 
 def causal_conv(
@@ -219,30 +218,6 @@ def window_index_of(bounds: list[tuple[int, int]], N: int, W: int, has_init: boo
     return torch.where(inside, pos, outside)
 
 
-class _GatherTails(torch.autograd.Function):
-    """all_gather of every rank's part tails; backward returns each rank its tails' gradient."""
-
-    @staticmethod
-    def forward(ctx, tails: torch.Tensor, group, rank: int):
-        ctx.group, ctx.rank = group, rank
-        return comm.all_gather(tails, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return comm.all_reduce_sum(grad.contiguous(), ctx.group)[ctx.rank], None, None
-
-
-def _owner_slot(cp_context) -> dict[int, int]:
-    """Part index -> its position among its owner's parts (local order is ascending part index)."""
-    slot, seen = {}, {}
-    for p in cp_context.parts:
-        slot[p.index] = seen.get(p.owner, 0)
-        seen[p.owner] = slot[p.index] + 1
-    if sorted(cp_context.local_parts) != list(cp_context.local_parts):
-        raise AssertionError("short_conv_cp assumes a rank's parts are held in ascending order")
-    return slot
-
-
 def conv_halo(x: torch.Tensor, cp_context, W: int, cache: torch.Tensor | None = None) -> torch.Tensor | None:
     """Inputs preceding each local segment: `[B, S, W-1, D]`.
 
@@ -261,53 +236,11 @@ def conv_halo(x: torch.Tensor, cp_context, W: int, cache: torch.Tensor | None = 
     H = W - 1
     rows = []
     if gather:
-        rows.append(_gathered_tails(x, cp, H))                        # [B, P*nlp*H, D]
+        rows.append(gathered_part_tails(x, cp, H))                        # [B, P*nlp*H, D]
     if cache is not None:
         rows.append(cache.to(x.dtype).reshape(B, -1, D))              # [B, H, D] dense, [1, N*H, D] packed
     rows.append(x.new_zeros(B, 1, D))
     src = torch.cat(rows, 1)
     index = cp.memo(("conv_halo_rows", W, cache is not None, str(x.device)),
-                    lambda: _halo_rows(cp, H, gather, cache is not None).to(x.device))
+                    lambda: halo_rows(cp, H, gather, cache is not None).to(x.device))
     return src[:, index]                                               # [B, S, H, D]
-
-
-def _gathered_tails(x: torch.Tensor, cp, H: int) -> torch.Tensor:
-    """The last H inputs of every part of every rank, `[B, P*nlp*H, D]` (one all_gather): the H inputs
-    of a part shorter than H are left-padded with zeros."""
-    B, _, D = x.shape
-    tails, offset = [], 0
-    for j in cp.local_parts:
-        n = cp.parts[j].end - cp.parts[j].start
-        tail = x[:, offset + max(0, n - H): offset + n]
-        if tail.shape[1] < H:
-            tail = torch.cat([tail.new_zeros(B, H - tail.shape[1], D), tail], 1)
-        tails.append(tail)
-        offset += n
-    gathered = _GatherTails.apply(torch.stack(tails), cp.group, cp.rank)   # [P, nlp, B, H, D]
-    return gathered.permute(2, 0, 1, 3, 4).reshape(B, -1, D)
-
-
-def _halo_rows(cp, H: int, gathered: bool, cached: bool) -> torch.Tensor:
-    """Row of `src` for each local segment's H predecessors: `[S, H]`. `src` is the gathered tails
-    `[P * nlp * H]` (when `gathered`), then the cache's H rows per sequence (when `cached`), then one
-    zero row. A predecessor before its sequence's start is the cache's row, or the zero row."""
-    nlp = len(cp.local_parts)
-    n_tails = cp.world_size * nlp * H if gathered else 0
-    zero_row = n_tails + (cp.num_seqs if cp.packed else 1) * H * cached
-    slot, cu = _owner_slot(cp), cp.cu_seqlens.tolist()
-    starts = [p.start for p in cp.parts]
-    index = []
-    for s in cp.segments:
-        first = cu[s.seq] if s.starts_seq else cp.parts[s.part].start   # global position of s's first token
-        row = [zero_row] * H
-        for i in range(H):
-            pos = first - H + i
-            if pos < cu[s.seq]:
-                if cached:                                             # m = cu[seq] - pos tokens before it
-                    row[i] = n_tails + s.seq * H + H - (cu[s.seq] - pos)
-                continue
-            m = bisect.bisect_right(starts, pos) - 1                   # the part holding pos
-            pm = cp.parts[m]
-            row[i] = (pm.owner * nlp + slot[m]) * H + H - (pm.end - pos)
-        index.append(row)
-    return torch.tensor(index, dtype=torch.long)

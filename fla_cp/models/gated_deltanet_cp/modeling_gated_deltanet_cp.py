@@ -117,7 +117,8 @@ class GatedDeltaNetCPPreTrainedModel(CPModelMixin, GatedDeltaNetPreTrainedModel)
             raise NotImplementedError("GatedDeltaNetCP models do not support attnres_block_size")
         if config.cp_size > 1 and config.attn is not None:
             raise ValueError("hybrid configs with attention layers (`attn`) are not supported with cp_size > 1 "
-                             "yet: softmax attention has no CP path in fla_cp; use cp_size=1 or a pure GDN config")
+                             "yet: fla_cp has no CP attention layer (only the operator, fla_cp.ops.attention_cp); "
+                             "use cp_size=1 or a pure GDN config")
 
 
 class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):
