@@ -94,7 +94,8 @@ def _plan(cp: CPContext, causal: bool, window: int | None, halo_len: int, device
                     i = next(i for i, s in enumerate(cp.segments) if s.part == j)   # the part's first segment
                     halo = rows[i].to(device)
                     kpos = torch.cat([torch.arange(p.start - halo_len, p.start), qpos])
-            plans.append(_PartPlan(window is None, q0, n, k0, k1, halo, _allowed(qpos, kpos, cu, causal, window).to(device)))
+            allowed = _allowed(qpos, kpos, cu, causal, window).to(device)
+            plans.append(_PartPlan(window is None, q0, n, k0, k1, halo, allowed))
             q0 += n
         return plans
     return cp.memo(("attention_plan", causal, window, halo_len, str(device)), build)
