@@ -338,7 +338,8 @@ def layer_fields(hidden, cp, attention_mask, use_cache, sizes: list[int], conten
         "attention_mask (given, content)": [attention_mask is not None, mask_code],
         # (a rank-local mask [B, T_loc] may differ in length between ranks: this rank's own, for its signature)
         "attention_mask shape on this rank": [checksum([len(mask_shape), *mask_shape])] if not content else [0],
-        "layer sizes": (list(sizes) + [0] * 8)[:8],
+        # 16 slots: one size list per kind of layer (GDN 6, attention 5, ...); beyond that a checksum
+        "layer sizes": (list(sizes) + [0] * 16)[:16] if len(sizes) <= 16 else [*sizes[:15], checksum(sizes[15:])],
         "cp_context (world size, layout, cu_seqlens, packed)": split,
     }
 
@@ -467,9 +468,10 @@ def checksum(values: list[int]) -> int:
     return h
 
 
-def attention_fields(cp, ok: bool, q, k, v, causal, window, scale, mask_given: bool) -> dict:
+def attention_fields(cp, ok: bool, q, k, v, causal, window, scale, mask_given: bool, past=None) -> dict:
     """`attention_cp`: the K/V gather (full attention) or halo gather (window) and their backward follow
-    from these; the rest decides what they compute. `window` 0 for None; `scale` after defaulting."""
+    from these; the rest decides what they compute. `window` 0 for None; `scale` after defaulting;
+    `past`: (cached keys' length, past_mask given) of a continuation, or None."""
     return {
         "records a graph (grad mode on and an input requires grad; the backward is collective)":
             [records_graph(q, k, v) if ok else 0],
@@ -480,5 +482,7 @@ def attention_fields(cp, ok: bool, q, k, v, causal, window, scale, mask_given: b
         "window_size (0: unlimited)": [int(window or 0) if ok else 0],
         "scale (after defaulting to D ** -0.5)": [float(scale) if ok else 0.0],
         "attention_mask given": [bool(mask_given) if ok else 0],
+        "past_key_value (given, length, past_mask given)": [past is not None, *(past or (0, False))] if ok
+        else [0, 0, 0],
         "cp_context (world size, layout, cu_seqlens)": cp.fingerprint(),
     }

@@ -30,13 +30,22 @@ Forward, FLA's semantics on every path (what its flash-attn calls compute):
   identical for left/right padding only, so a mask with a hole (`[1, 0, 1]`) raises ValueError with a
   window (without CP, or under CP when `verify_agreement`: a host sync). Values other than 0/1 raise
   (FLA's unpad would misread them).
-- `backend`: constructor keyword, `attention_cp`'s kernels: "auto" | "torch" (the same today).
+- `backend`: constructor keyword, `attention_cp`'s kernels ("auto" picks by device and dtype).
 
-Caches are not implemented yet. Under CP, `use_cache=True` or any `past_key_values` raises ValueError
-(an empty cache too: FLA writes this layer's K/V into any cache it is given, and with a cache it shifts a
-left-padded row's RoPE positions so that its first token is at 0; ignoring it would silently diverge).
-Without CP the call goes to FLA's own forward when it can run here (flash-attn installed, CUDA tensors),
-else raises the same error.
+KV caches (FLA's `Cache`, `attn_state` = (K, V) `[B, L, Hkv*D]` per layer, the last W with a window), as
+FLA's forward uses them, with or without CP:
+- a cache given (even an empty one) receives this call's K/V (FLA's `update`, which keeps the last W with
+  a window), and RoPE positions start at the tokens seen so far minus each row's pads in the given mask
+  (FLA's offset: a left-padded row's first real token sits at 0);
+- a cache with content is continued: every query also sees the cached keys (masked by the mask's columns
+  before this call's, when `attention_mask` spans the past as generate passes it, `[B, past + T]`).
+- Under CP the cache is replicated, like the GDN layers' states: the call's K/V are all-gathered
+  (differentiable) and every rank stores all of them; a continuation's queries read the cached keys on
+  their own rank (`attention_cp(past_key_value=...)`, no exchange for the past).
+- Not supported (ValueError): continuing a cache with packed input (FLA asserts the same); a rank-local
+  mask with a cache (the positions count each row's pads over the whole row).
+- With a window, a multi-token continuation sees the cached keys within the window (FLA's own code
+  path there mixes up a truncated cache and the mask; a decode step is the same in both).
 """
 from __future__ import annotations
 
@@ -47,10 +56,13 @@ from fla.layers import attn as fla_attn
 from fla.layers.attn import Attention
 from fla.modules import RMSNorm, RotaryEmbedding
 
+from fla.layers.utils import get_layer_cache
+
 from fla_cp import checks
 from fla_cp.layers.functional import rms_norm
 from fla_cp.ops.attention import ATTENTION_BACKENDS, attention_cp
 from fla_cp.ops.chunk_cp import _single_process_context
+from fla_cp.ops.context import _Unshard
 
 
 def flash_attn_available() -> bool:
@@ -63,7 +75,8 @@ class AttentionCP(Attention):
 
     Takes FLA's constructor arguments (`hidden_size`, `num_heads`, `num_kv_heads`, `qkv_bias`, `qk_norm`,
     `window_size`, `rope_theta`, `max_position_embeddings`, `layer_idx`) plus
-        backend: `attention_cp`'s kernels, "auto" (default) or "torch".
+        backend: `attention_cp`'s kernel, "auto" (default: flash-attn on CUDA for fp16/bf16 when installed,
+            else SDPA on CUDA, else the fp32 "torch" math), "torch", "sdpa" or "flash".
     """
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
@@ -124,37 +137,21 @@ class AttentionCP(Attention):
         **kwargs,
     ):
         cp = cp_context
+        last_state = get_layer_cache(module=self, past_key_values=past_key_values)
         if cp is not None:
             # before the first collective (the op's K/V exchange): bad or mismatched input must raise, not hang
-            self.check_cp_call(hidden_states, cp, attention_mask, use_cache, past_key_values, verify_agreement,
+            self.check_cp_call(hidden_states, cp, attention_mask, use_cache, last_state, verify_agreement,
                                cu_seqlens=cu_seqlens)
-        elif use_cache or past_key_values is not None:
-            if flash_attn_available() and torch.is_tensor(hidden_states) and hidden_states.is_cuda:
-                # FLA's own forward (its caches); it reads cu_seqlens from kwargs
-                if cu_seqlens is not None:
-                    kwargs["cu_seqlens"] = cu_seqlens
-                return super().forward(hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
-                                       output_attentions=output_attentions, use_cache=use_cache, **kwargs)
-            raise ValueError(f"{type(self).__name__}: {self._cache_message(use_cache, past_key_values)} "
-                             f"(FLA's own forward, which has them, needs flash-attn and CUDA tensors)")
-
-        B, T, _ = hidden_states.shape
-        if cp is None:
-            if cu_seqlens is not None and not torch.is_tensor(cu_seqlens):
-                cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.long, device=hidden_states.device)
-            if cu_seqlens is not None and B != 1:
-                raise ValueError(f"{type(self).__name__}: cu_seqlens requires batch size 1, got {B}")
-            ctx, error = _single_process_context(T, cu_seqlens)
-            if error is None and ctx.total_len != T:
-                error = f"cu_seqlens[-1]={ctx.total_len} does not match the input's {T} tokens"
-            if error is None and attention_mask is not None and cu_seqlens is None:
-                error = self._mask_error(attention_mask, B, (T,), hidden_states.device, content=True)
-            if error:
-                raise ValueError(f"{type(self).__name__}: {error}")
-        else:
             ctx = cp
-        packed = cu_seqlens is not None if cp is None else cp.packed
-        mask = None if packed else attention_mask        # FLA ignores the mask with cu_seqlens
+        else:
+            ctx, cu_seqlens = self._single_process_call(hidden_states, attention_mask, cu_seqlens, last_state)
+        B, T, _ = hidden_states.shape
+        packed = ctx.packed
+        T_call = ctx.total_len                           # this call's tokens per row (all ranks)
+        # FLA ignores the mask with cu_seqlens; a mask spanning the past too ([B, past + T], as generate
+        # passes it) has this call's columns last
+        mask = None if packed else attention_mask
+        call_mask = mask[:, -T_call:] if mask is not None and mask.shape[1] > T_call else mask
 
         q = rearrange(self.q_proj(hidden_states), '... (h d) -> ... h d', d=self.head_dim)
         k = rearrange(self.k_proj(hidden_states), '... (h d) -> ... h d', d=self.head_dim)
@@ -163,21 +160,67 @@ class AttentionCP(Attention):
             q, k = rms_norm(self.q_norm, q), rms_norm(self.k_norm, k)
 
         pos = rope_positions(ctx, hidden_states.device)
+        if past_key_values is not None:
+            # FLA's offset with a cache (even an empty one): the tokens seen so far, minus each row's pads
+            # in the given mask, so that a left-padded row's first token sits at 0
+            pos = pos + past_key_values.get_seq_length(self.layer_idx)
+            if mask is not None:
+                pos = pos[None, :] - (mask == 0).sum(-1, keepdim=True).to(pos.device)
         q, k = self._rope(q, pos), self._rope(k, pos)
 
+        past_kv = past_mask = None
+        cached = last_state.get('attn_state') if last_state is not None else None
+        if cached is not None:
+            # the keys right before this call (the last W with a window), replicated on every rank
+            past_kv = tuple(rearrange(x, 'b l (h d) -> b l h d', d=self.head_dim) for x in cached)
+            Lp = past_kv[0].shape[1]
+            if mask is not None and mask.shape[1] >= T_call + Lp:
+                past_mask = mask[:, mask.shape[1] - T_call - Lp:mask.shape[1] - T_call]
+
         o = attention_cp(q, k, v, cp, causal=True, window_size=self.window_size, scale=self.head_dim ** -0.5,
-                         attention_mask=mask, cu_seqlens=cu_seqlens if cp is None else None,
-                         backend=self.backend, verify_agreement=False)
+                         attention_mask=call_mask, cu_seqlens=cu_seqlens if cp is None else None,
+                         backend=self.backend, verify_agreement=False, past_key_value=past_kv, past_mask=past_mask)
+
+        if past_key_values is not None:
+            # FLA writes this call's K/V into any cache it is given; under CP the cache is replicated: the
+            # whole call's K/V on every rank (one differentiable all-gather, reduce-scatter in backward)
+            if cp is not None and cp.world_size > 1:
+                k, v = (comm_unshard(x, cp) for x in (k, v))
+            past_key_values.update(attn_state=(k.flatten(-2, -1), v.flatten(-2, -1)), layer_idx=self.layer_idx,
+                                   offset=T_call, cache_kwargs=dict(window_size=self.window_size))
         o = self.o_proj(o.reshape(B, T, -1))
         return o, None, past_key_values
 
+    def _single_process_call(self, hidden_states, attention_mask, cu_seqlens, last_state):
+        """(the one-process context of a call without CP, cu_seqlens as a tensor), after its checks."""
+        if not torch.is_tensor(hidden_states) or hidden_states.dim() != 3:
+            got = tuple(hidden_states.shape) if torch.is_tensor(hidden_states) else type(hidden_states).__name__
+            raise ValueError(f"{type(self).__name__}: hidden_states must be [B, T, D], got {got}")
+        B, T, _ = hidden_states.shape
+        if cu_seqlens is not None and not torch.is_tensor(cu_seqlens):
+            cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.long, device=hidden_states.device)
+        if cu_seqlens is not None and B != 1:
+            raise ValueError(f"{type(self).__name__}: cu_seqlens requires batch size 1, got {B}")
+        ctx, error = _single_process_context(T, cu_seqlens)
+        if error is None and ctx.total_len != T:
+            error = f"cu_seqlens[-1]={ctx.total_len} does not match the input's {T} tokens"
+        if error is None and last_state is not None:
+            error = self._cache_error(last_state, ctx.num_seqs if ctx.packed else B, ctx.packed)
+        if error is None and attention_mask is not None and cu_seqlens is None:
+            error = self._mask_error(attention_mask, B, (T,), hidden_states.device, content=True,
+                                     longer=last_state is not None)
+        if error:
+            raise ValueError(f"{type(self).__name__}: {error}")
+        return ctx, cu_seqlens
+
     def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """FLA's rotary embedding of x `[B, T, H, D]` at positions `pos` `[T]` (any device).
+        """FLA's rotary embedding of x `[B, T, H, D]` at positions `pos` `[T]` or per row `[B, T]` (any device).
 
         As `RotaryEmbedding._update_cos_sin_cache` + its kernel: angles `pos * inv_freq` in fp32 (the
         buffer's dtype with `pos_idx_in_fp32=False`), cos/sin rounded to x's dtype (FLA's table dtype), the
         rotation in fp32 (halves, or adjacent pairs when `interleaved`), the result in x's dtype; channels
-        beyond the rotary dim pass unchanged."""
+        beyond the rotary dim pass unchanged. A negative position (a left-padded row's pads with a cache) is
+        rotated by its angle: FLA's kernel leaves such rows unwritten; they are padding, never read."""
         rot = self.rotary
         if rot.pos_idx_in_fp32:
             inv_freq = rot.inv_freq if rot.inv_freq.dtype == torch.float32 else \
@@ -185,9 +228,9 @@ class AttentionCP(Attention):
             t = pos.to(device=x.device, dtype=torch.float32)
         else:
             inv_freq, t = rot.inv_freq, pos.to(device=x.device, dtype=rot.inv_freq.dtype)
-        freqs = t[:, None] * inv_freq.to(x.device)[None, :]               # torch.outer, as FLA
-        cos = freqs.cos().to(x.dtype).float()[:, None, :]                   # [T, 1, R]
-        sin = freqs.sin().to(x.dtype).float()[:, None, :]
+        freqs = t[..., None] * inv_freq.to(x.device)                        # torch.outer, as FLA
+        cos = freqs.cos().to(x.dtype).float()[..., None, :]                 # [(B,) T, 1, R]
+        sin = freqs.sin().to(x.dtype).float()[..., None, :]
         R = freqs.shape[-1]
         xr = x[..., :2 * R].float()
         if rot.interleaved:
@@ -200,7 +243,7 @@ class AttentionCP(Attention):
         return y if 2 * R == x.shape[-1] else torch.cat([y, x[..., 2 * R:]], -1)
 
     # ------------------------------------------------------------------ CP checks
-    def check_cp_call(self, hidden_states, cp, attention_mask=None, use_cache=False, past_key_values=None,
+    def check_cp_call(self, hidden_states, cp, attention_mask=None, use_cache=False, last_state=None,
                       verify_agreement: bool = True, cu_seqlens=None):
         """Raise ValueError (naming the rank) on bad CP input; with `verify_agreement`, on every rank when
         any rank's input is bad or ranks disagree (one tiny all_gather, skipped for one rank).
@@ -208,10 +251,7 @@ class AttentionCP(Attention):
         As `GatedDeltaNetCP.check_cp_call`: a CP model makes one check for all its layers (from
         `_cp_input_error` and `cp_sizes`) and runs them with `verify_agreement=False`, vouching for the
         mask's content; then only the free local checks run here."""
-        error = None
-        if use_cache or past_key_values is not None:
-            error = self._cache_message(use_cache, past_key_values)
-        error = error or self._cp_input_error(hidden_states, cp, attention_mask, None, mask_content=verify_agreement)
+        error = self._cp_input_error(hidden_states, cp, attention_mask, last_state, mask_content=verify_agreement)
         if error is None and cu_seqlens is not None:
             error = _cu_seqlens_error(cu_seqlens, cp)
         if verify_agreement and cp.world_size > 1:
@@ -227,8 +267,6 @@ class AttentionCP(Attention):
     def _cp_input_error(self, hidden_states, cp, attention_mask, last_state, mask_content: bool = True) -> str | None:
         """This rank's problem with a CP call, or None. Nothing here communicates; `mask_content` checks the
         padding mask's values (and holes, with a window): one host sync."""
-        if last_state is not None:
-            return self._cache_message(False, last_state)
         if not torch.is_tensor(hidden_states) or hidden_states.dim() != 3:
             got = tuple(hidden_states.shape) if torch.is_tensor(hidden_states) else type(hidden_states).__name__
             return f"hidden_states must be [B, T_loc, D], got {got}"
@@ -242,23 +280,57 @@ class AttentionCP(Attention):
                     f"(global length {cp.total_len}); shard inputs with cp_context.shard(x, dim=1)")
         if cp.packed and B != 1:
             return f"packed CP input (cu_seqlens) must have batch size 1, got B={B}"
+        if last_state is not None:
+            error = self._cache_error(last_state, cp.num_seqs if cp.packed else B, cp.packed)
+            if error:
+                return error
         if attention_mask is not None and not cp.packed:
             local = torch.is_tensor(attention_mask) and attention_mask.dim() == 2 \
                 and attention_mask.shape[1] < cp.total_len
-            return self._mask_error(attention_mask, B, (cp.total_len, T), hidden_states.device, mask_content, local)
+            if local and last_state is not None:
+                return (f"attention_mask: with a cache pass the global mask ([{B}, {cp.total_len}] or "
+                        f"[{B}, past + {cp.total_len}]), not this rank's shard: RoPE positions count each "
+                        f"row's pads (FLA's offset)")
+            return self._mask_error(attention_mask, B, (cp.total_len, T), hidden_states.device, mask_content, local,
+                                    longer=last_state is not None)
         return None
 
-    def _mask_error(self, attention_mask, B: int, lengths: tuple, device, content: bool, local: bool = False):
+    def _cache_error(self, last_state, N: int, packed: bool) -> str | None:
+        """Why this layer's cache can't serve a call with N rows (or N packed sequences), or None."""
+        cached = last_state.get('attn_state')
+        if cached is None:
+            return None
+        if packed:
+            return ("past_key_values: a packed input (cu_seqlens) cannot continue an attention layer's KV cache "
+                    "(its cache holds rows, not documents; FLA refuses it too): continue as a dense batch")
+        want = self.num_kv_heads * self.head_dim
+        shapes = [tuple(x.shape) if torch.is_tensor(x) else None for x in cached]
+        if len(shapes) != 2 or any(sh is None or len(sh) != 3 or sh[0] != N or sh[2] != want for sh in shapes) \
+                or shapes[0][1] != shapes[1][1]:
+            return (f"past_key_values: a continuation needs this attention layer's cache to hold one K/V row per "
+                    f"input row, [B={N}, L, Hkv*D={want}] each, got {shapes}")
+        return None
+
+    def _mask_error(self, attention_mask, B: int, lengths: tuple, device, content: bool, local: bool = False,
+                    longer: bool = False):
+        """`longer`: a continuation, whose mask may span the past too (`[B, past + T]`; this call's columns
+        are the last T, the only ones checked for content)."""
         if (not torch.is_tensor(attention_mask) or attention_mask.dim() != 2 or attention_mask.shape[0] != B
-                or attention_mask.shape[1] not in lengths or attention_mask.is_complex()):
+                or not (attention_mask.shape[1] in lengths or longer and attention_mask.shape[1] > max(lengths))
+                or attention_mask.is_complex()):
             got = (f"{attention_mask.dtype} of shape {tuple(attention_mask.shape)}" if torch.is_tensor(attention_mask)
                    else type(attention_mask).__name__)
             want = " or ".join(f"[{B}, {n}]" for n in dict.fromkeys(lengths))
+            if longer:
+                want += f" or [{B}, past + {max(lengths)}]"
             return f"attention_mask must be a [B, T] 0/1 padding mask ({want}), got {got}"
         if attention_mask.device != device:
             return f"attention_mask is on {attention_mask.device} but hidden_states is on {device}"
         if not content:
             return None
+        if attention_mask.shape[1] > max(lengths):
+            # the past's 0/1 values were checked when it was this call; only this call's columns are read for holes
+            attention_mask = attention_mask[:, -max(lengths):]
         if self.window_size is not None:
             error = checks.padding_mask_error(attention_mask)
             if error and "hole" in error:
@@ -275,15 +347,16 @@ class AttentionCP(Attention):
             error += " (positions within this rank's shard of the row)"
         return error
 
-    def _cache_message(self, use_cache, cache) -> str:
-        what = "use_cache=True" if use_cache else "past_key_values (a cache, even an empty one)"
-        return (f"{what}: KV caches are not implemented yet for {type(self).__name__} (pass use_cache=False "
-                f"and past_key_values=None)")
-
     def cp_sizes(self) -> list[int]:
         """The layer's sizes that its collectives' shapes follow from (D, H, Hkv, head_dim, window or 0),
         for the agreement check (`fla_cp.checks.layer_fields`)."""
         return [self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, int(self.window_size or 0)]
+
+
+def comm_unshard(x: torch.Tensor, cp) -> torch.Tensor:
+    """This call's `[B, T_loc, ...]` -> `[B, T, ...]` on every rank, differentiable (gradients sent back
+    to the replicated result are summed over the group, each rank keeping its own rows' share)."""
+    return _Unshard.apply(x, cp, 1, False)
 
 
 def rope_positions(cp, device) -> torch.Tensor:

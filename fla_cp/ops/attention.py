@@ -18,9 +18,19 @@ that saves only this rank's q/k/v and recomputes in backward:
 K, V and the key padding mask travel as one `[B, T_loc, Hkv*D + Hkv*Dv (+1)]` payload (the mask as a
 0/1 column in K's dtype: exact), so every exchange is one collective.
 
-Kernel: "torch" (any device), a plain fp32 matmul-softmax per local part with an explicit boolean mask
-built from global positions and document ids (quadratic memory in the part's queries x keys, like
-SDPA's math path with a mask). A flash-attn path is not written; backend="auto" runs "torch".
+Kernels, per local part (`backend`; `fla_cp/ops/attention_kernels.py`):
+- "torch": a plain fp32 (fp64 for fp64) matmul-softmax with an explicit boolean mask built from global
+  positions and document ids; any device; quadratic memory in the part's queries x keys. The CPU default.
+- "sdpa": torch's `scaled_dot_product_attention` with the same boolean mask (not `is_causal`, which is
+  top-left aligned when a part's keys start before its queries); in q's dtype. The CUDA default
+  without flash-attn, or for fp32.
+- "flash": flash-attn's varlen function (FLA's kernel), one varlen sequence per (row, document) of a
+  part, bottom-right causal alignment, window `(W - 1, 0)`; CUDA, fp16/bf16; no mask tensor. Exact
+  where padding leaves no hole inside a window (left/right padding; the layer refuses holes with a
+  window); otherwise it raises ValueError (on the rank that has the hole: call `attention_cp` with
+  hole-free masks, or "sdpa"). The CUDA default for fp16/bf16 when flash-attn is installed.
+"auto" picks as above. The backward re-runs the part's kernel under autograd, so every kernel saves
+only the local q/k/v.
 """
 from __future__ import annotations
 
@@ -36,9 +46,10 @@ from fla_cp import checks
 from fla_cp.ops import comm
 from fla_cp.ops.chunk_cp import _autocast_off, _single_process_context
 from fla_cp.ops.context import CPContext, _Unshard
+from fla_cp.ops.attention_kernels import KERNELS, attend_flash, attend_sdpa, flash_layout, resolve_attention_kernel
 from fla_cp.ops.halo import gathered_part_tails, halo_rows
 
-ATTENTION_BACKENDS = ("auto", "torch")
+ATTENTION_BACKENDS = KERNELS
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -49,7 +60,10 @@ class _PartPlan:
 
     full (no window): keys are global rows `[k0, k1)` of the gathered payload.
     window: keys are `halo` rows of the gathered tails (or none) followed by the part's own rows.
-    `allowed` `[n, m]` bool: causal / document / window structure from global positions (no padding)."""
+    Both preceded by the `past` cached keys of a continuation (dense: every row's own), if any.
+    `allowed` `[n, m]` bool: causal / document / window structure from global positions (no padding);
+    `qpos`/`kpos` (global positions; a cached key at -past..-1) and `qdoc`/`kdoc` (document ids; -1: a
+    halo row outside the stream) are the same structure on the host, for kernels that take lengths."""
     full: bool
     q0: int
     n: int
@@ -57,15 +71,17 @@ class _PartPlan:
     k1: int
     halo: torch.Tensor | None
     allowed: torch.Tensor
+    qpos: torch.Tensor
+    kpos: torch.Tensor
+    qdoc: torch.Tensor
+    kdoc: torch.Tensor
+    flash: object = None        # attention_kernels.FlashLayout, built on first use
 
 
-def _allowed(qpos: torch.Tensor, kpos: torch.Tensor, cu: torch.Tensor, causal: bool, window: int | None):
-    """`[n, m]`: query at global position qpos may see the key at kpos (same document, causal, window).
-    Positions outside the stream (the halo's zero rows) belong to no document."""
-    doc_q = torch.searchsorted(cu, qpos, right=True) - 1
-    doc_k = torch.searchsorted(cu, kpos, right=True) - 1
-    doc_k = torch.where(kpos < 0, torch.full_like(doc_k, -1), doc_k)
-    ok = doc_q[:, None] == doc_k[None, :]
+def _allowed(qpos, kpos, qdoc, kdoc, causal: bool, window: int | None) -> torch.Tensor:
+    """`[n, m]`: the query at global position qpos (document qdoc) may see the key at kpos (kdoc): same
+    document, causal, window. A key of document -1 (the halo's zero rows outside the stream) is never seen."""
+    ok = (qdoc[:, None] == kdoc[None, :]) & (kdoc[None, :] >= 0)
     if causal:
         ok &= kpos[None, :] <= qpos[:, None]
     if window is not None:
@@ -73,8 +89,18 @@ def _allowed(qpos: torch.Tensor, kpos: torch.Tensor, cu: torch.Tensor, causal: b
     return ok
 
 
-def _plan(cp: CPContext, causal: bool, window: int | None, halo_len: int, device) -> list[_PartPlan]:
-    """Per local part, built once per context and settings (`CPContext.memo`)."""
+def _docs(cu: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Document id of each global position; positions outside the stream get -1."""
+    doc = torch.searchsorted(cu, pos, right=True) - 1
+    return torch.where((pos < 0) | (pos >= cu[-1]), torch.full_like(doc, -1), doc)
+
+
+def _plan(cp: CPContext, causal: bool, window: int | None, halo_len: int, past: int, device,
+          kernel: str = "torch") -> list[_PartPlan]:
+    """Per local part, built once per context and settings (`CPContext.memo`). `past`: cached keys before
+    the call (dense only: they continue every row's one document, at positions -past..-1). The flash
+    kernel takes lengths, not the `[n, m]` boolean mask: `allowed` is not built for it (it would be
+    O(T_loc x T) per full-attention part)."""
     def build():
         cu = cp.cu_seqlens
         rows = halo_rows(cp, halo_len, True, False) if halo_len else None
@@ -94,11 +120,15 @@ def _plan(cp: CPContext, causal: bool, window: int | None, halo_len: int, device
                     i = next(i for i, s in enumerate(cp.segments) if s.part == j)   # the part's first segment
                     halo = rows[i].to(device)
                     kpos = torch.cat([torch.arange(p.start - halo_len, p.start), qpos])
-            allowed = _allowed(qpos, kpos, cu, causal, window).to(device)
-            plans.append(_PartPlan(window is None, q0, n, k0, k1, halo, allowed))
+            qdoc, kdoc = _docs(cu, qpos), _docs(cu, kpos)
+            if past:
+                kpos = torch.cat([torch.arange(-past, 0), kpos])
+                kdoc = torch.cat([torch.zeros(past, dtype=kdoc.dtype), kdoc])
+            allowed = _allowed(qpos, kpos, qdoc, kdoc, causal, window).to(device) if kernel != "flash" else None
+            plans.append(_PartPlan(window is None, q0, n, k0, k1, halo, allowed, qpos, kpos, qdoc, kdoc))
             q0 += n
         return plans
-    return cp.memo(("attention_plan", causal, window, halo_len, str(device)), build)
+    return cp.memo(("attention_plan", causal, window, halo_len, past, str(device), kernel == "flash"), build)
 
 
 # ---------------------------------------------------------------------------- compute
@@ -125,9 +155,11 @@ def _attend(q, kv, allowed, key_valid, query_valid, Hkv, D, Dv, scale, cdt):
     return o
 
 
-def _run_parts(q, kv, plans, src, mask_col, Hkv, D, Dv, scale, cdt):
+def _run_parts(q, kv, plans, src, past, mask_col, Hkv, D, Dv, scale, cdt, kernel="torch", causal=True, window=None):
     """Every local part's output, concatenated in local order. `src` holds the keys: the gathered global
-    payload (full) or the gathered tails plus one zero row (window), then `kv` the local payload."""
+    payload (full) or the gathered tails plus one zero row (window), then `kv` the local payload; `past`
+    the cached keys' payload `[B, Lp, C]` that precede every part's keys, or None. `kernel`: "torch"
+    (`_attend`, in `cdt`), "sdpa" or "flash" (`attention_kernels`, in q's dtype)."""
     outs = []
     for pp in plans:
         qp = q[:, pp.q0:pp.q0 + pp.n]
@@ -136,9 +168,23 @@ def _run_parts(q, kv, plans, src, mask_col, Hkv, D, Dv, scale, cdt):
         else:
             own = kv[:, pp.q0:pp.q0 + pp.n]
             keys = own if pp.halo is None else torch.cat([src[:, pp.halo], own], 1)
+        if past is not None:
+            keys = torch.cat([past, keys], 1)
         key_valid = keys[..., -1] > 0.5 if mask_col else None
         query_valid = kv[:, pp.q0:pp.q0 + pp.n, -1] > 0.5 if mask_col else None
-        outs.append(_attend(qp, keys, pp.allowed, key_valid, query_valid, Hkv, D, Dv, scale, cdt))
+        if kernel == "torch":
+            outs.append(_attend(qp, keys, pp.allowed, key_valid, query_valid, Hkv, D, Dv, scale, cdt))
+            continue
+        B, m = keys.shape[:2]
+        k = keys[..., :Hkv * D].reshape(B, m, Hkv, D)
+        v = keys[..., Hkv * D:Hkv * (D + Dv)].reshape(B, m, Hkv, Dv)
+        if kernel == "sdpa":
+            outs.append(attend_sdpa(qp, k, v, pp.allowed, key_valid, query_valid, scale))
+        else:
+            if pp.flash is None:       # the host index work, once per plan
+                pp.flash = flash_layout(pp.qpos, pp.kpos, pp.qdoc, pp.kdoc, causal, window)
+            outs.append(attend_flash(qp, k, v, pp.qpos, pp.kpos, pp.qdoc, pp.kdoc, key_valid, query_valid, causal,
+                                     window, scale, layout=pp.flash))
     return torch.cat(outs, 1)
 
 
@@ -187,39 +233,46 @@ class AttentionCPFunction(torch.autograd.Function):
 
     @staticmethod
     @_autocast_off
-    def forward(ctx, q, k, v, key_mask, cp: CPContext, causal: bool, window, scale: float):
+    def forward(ctx, q, k, v, key_mask, k_past, v_past, past_mask, cp: CPContext, causal: bool, window,
+                scale: float, kernel: str):
         D, Hkv, Dv = q.shape[3], v.shape[2], v.shape[3]
-        kv = _payload(k, v, key_mask)
+        mask_col = key_mask is not None or past_mask is not None
+        kv, past = _payloads(k, v, key_mask, k_past, v_past, past_mask, mask_col)
         halo_len = _halo_len(cp, window)
-        plans = _plan(cp, causal, window, halo_len, q.device)
+        plans = _plan(cp, causal, window, halo_len, _past_len(k_past), q.device, kernel)
         src = _exchange(kv, cp, window, halo_len)
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        o = _run_parts(q, kv, plans, src, key_mask is not None, Hkv, D, Dv, scale, cdt)
-        ctx.save_for_backward(q, k, v, key_mask)
-        ctx.cp, ctx.causal, ctx.window, ctx.scale = cp, causal, window, scale
+        o = _run_parts(q, kv, plans, src, past, mask_col, Hkv, D, Dv, scale, cdt, kernel, causal, window)
+        ctx.save_for_backward(q, k, v, key_mask, k_past, v_past, past_mask)
+        ctx.cp, ctx.causal, ctx.window, ctx.scale, ctx.kernel = cp, causal, window, scale, kernel
         return o.to(q.dtype)
 
     @staticmethod
     @once_differentiable
     @_autocast_off
     def backward(ctx, do):
-        q, k, v, key_mask = ctx.saved_tensors
+        q, k, v, key_mask, k_past, v_past, past_mask = ctx.saved_tensors
         cp, window = ctx.cp, ctx.window
         T, D, Hkv, Dv = q.shape[1], q.shape[3], v.shape[2], v.shape[3]
         halo_len = _halo_len(cp, window)
-        plans = _plan(cp, ctx.causal, window, halo_len, q.device)
-        kv = _payload(k, v, key_mask)
+        plans = _plan(cp, ctx.causal, window, halo_len, _past_len(k_past), q.device, ctx.kernel)
+        mask_col = key_mask is not None or past_mask is not None
+        kv, past = _payloads(k, v, key_mask, k_past, v_past, past_mask, mask_col)
         src = _exchange(kv, cp, window, halo_len)
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         with torch.enable_grad():
             q_ = q.detach().requires_grad_()
             kv_ = kv.detach().requires_grad_()
-            leaves = [q_, kv_]
+            past_ = past.detach().requires_grad_() if past is not None else None
             if src is not None:
                 src = src.detach().requires_grad_()
-                leaves.append(src)
-            o = _run_parts(q_, kv_, plans, src, key_mask is not None, Hkv, D, Dv, ctx.scale, cdt)
-            grads = torch.autograd.grad(o, leaves, do.to(cdt), allow_unused=True)
+            o = _run_parts(q_, kv_, plans, src, past_, mask_col, Hkv, D, Dv, ctx.scale, cdt, ctx.kernel, ctx.causal,
+                           window)
+            leaves = [x for x in (q_, kv_, src, past_) if x is not None]
+            grads = list(torch.autograd.grad(o, leaves, do.to(o.dtype), allow_unused=True))
+        # sdpa / flash give gradients in q's dtype: the ranks' shares are summed in fp32
+        grads = [g.to(cdt) if g is not None else None for g in grads]
+        d_past = grads.pop() if past_ is not None else None
         dq, dkv = grads[0], grads[1]
         dkv = torch.zeros_like(kv_, dtype=cdt) if dkv is None else dkv
         if src is not None and grads[2] is not None:
@@ -233,16 +286,34 @@ class AttentionCPFunction(torch.autograd.Function):
             dkv = dkv + (_scatter_all(zeros, cp) if window is None else _scatter_halo(zeros, cp, halo_len, T))
         dk = dkv[..., :Hkv * D].reshape(k.shape).to(k.dtype)
         dv = dkv[..., Hkv * D:Hkv * (D + Dv)].reshape(v.shape).to(v.dtype)
-        return dq.to(q.dtype), dk, dv, None, None, None, None, None
+        dk_past = dv_past = None
+        if past_ is not None:
+            # the cached keys are replicated: this rank's queries' share of their gradient (partial, as
+            # for the GDN op's initial_state: the sum over the group is one device's)
+            d_past = torch.zeros_like(past_, dtype=cdt) if d_past is None else d_past
+            dk_past = d_past[..., :Hkv * D].reshape(k_past.shape).to(k_past.dtype)
+            dv_past = d_past[..., Hkv * D:Hkv * (D + Dv)].reshape(v_past.shape).to(v_past.dtype)
+        return dq.to(q.dtype), dk, dv, None, dk_past, dv_past, None, None, None, None, None, None
 
 
-def _payload(k, v, key_mask) -> torch.Tensor:
-    """K, V (and the 0/1 key mask as one column) side by side: `[B, T_loc, Hkv*D + Hkv*Dv (+1)]`."""
+def _payload(k, v, key_mask, mask_col: bool) -> torch.Tensor:
+    """K, V (and the 0/1 key mask as one column, all ones when None) side by side:
+    `[B, T, Hkv*D + Hkv*Dv (+1)]`."""
     B, T = k.shape[:2]
     cols = [k.reshape(B, T, -1), v.reshape(B, T, -1)]
-    if key_mask is not None:
-        cols.append(key_mask.to(k.dtype)[..., None])
+    if mask_col:
+        cols.append(key_mask.to(k.dtype)[..., None] if key_mask is not None else k.new_ones(B, T, 1))
     return torch.cat(cols, -1)
+
+
+def _payloads(k, v, key_mask, k_past, v_past, past_mask, mask_col: bool):
+    """(this call's local payload, the cached keys' payload or None), with the same columns."""
+    past = _payload(k_past, v_past, past_mask, mask_col) if k_past is not None else None
+    return _payload(k, v, key_mask, mask_col), past
+
+
+def _past_len(k_past) -> int:
+    return 0 if k_past is None else k_past.shape[1]
 
 
 def _halo_len(cp: CPContext, window) -> int:
@@ -262,7 +333,7 @@ def _exchange(kv, cp: CPContext, window, halo_len):
 
 # ---------------------------------------------------------------------------- entry
 def _local_error(q, k, v, cp: CPContext, causal, window, scale, attention_mask, cu_seqlens, backend,
-                 single: bool) -> str | None:
+                 single: bool, past_key_value=None, past_mask=None) -> str | None:
     """First problem with this rank's arguments, or None; nothing here communicates or raises."""
     for name, x in {"q": q, "k": k, "v": v}.items():
         if not torch.is_tensor(x):
@@ -323,6 +394,37 @@ def _local_error(q, k, v, cp: CPContext, causal, window, scale, attention_mask, 
                     f"[{B}, {T}] (this rank's), got {m.dtype} of shape {tuple(m.shape)}")
         if m.device != q.device:
             return f"attention_mask is on {m.device} but q is on {q.device}"
+    if past_key_value is not None:
+        return _past_error(past_key_value, past_mask, q, k, v, cp, causal)
+    if past_mask is not None:
+        return "past_mask needs past_key_value"
+    return None
+
+
+def _past_error(past_key_value, past_mask, q, k, v, cp: CPContext, causal) -> str | None:
+    """Problems with a continuation's cached keys (checked after q, k, v)."""
+    if not isinstance(past_key_value, (tuple, list)) or len(past_key_value) != 2 or \
+            not all(torch.is_tensor(x) for x in past_key_value):
+        return "past_key_value must be a pair of tensors (k_past, v_past)"
+    if cp.packed:
+        return ("past_key_value (a continuation) needs dense input: packed documents (cu_seqlens) cannot continue "
+                "cached keys")
+    if not causal:
+        return "past_key_value needs causal=True"
+    kp, vp = past_key_value
+    B, _, _, D = q.shape
+    Hkv, Dv = v.shape[2], v.shape[3]
+    if kp.ndim != 4 or vp.ndim != 4 or (kp.shape[0], kp.shape[2], kp.shape[3]) != (B, Hkv, D) \
+            or tuple(vp.shape) != (B, kp.shape[1], Hkv, Dv):
+        return (f"past_key_value must be k_past [B, Lp, Hkv, D] = [{B}, Lp, {Hkv}, {D}] and v_past "
+                f"[B, Lp, Hkv, Dv] = [{B}, Lp, {Hkv}, {Dv}], got {tuple(kp.shape)} and {tuple(vp.shape)}")
+    if kp.dtype != q.dtype or vp.dtype != q.dtype or kp.device != q.device or vp.device != q.device:
+        return f"past_key_value must have q's dtype and device ({q.dtype}, {q.device})"
+    if past_mask is not None and (not torch.is_tensor(past_mask) or past_mask.is_complex()
+                                  or tuple(past_mask.shape) != (B, kp.shape[1]) or past_mask.device != q.device):
+        got = (f"{tuple(past_mask.shape)} on {past_mask.device}" if torch.is_tensor(past_mask)
+               else type(past_mask).__name__)
+        return f"past_mask must be [B, Lp] = [{B}, {kp.shape[1]}] on q's device, got {got}"
     return None
 
 
@@ -339,6 +441,8 @@ def attention_cp(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     verify_agreement: bool = True,
+    past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+    past_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Softmax attention over a sequence split across the ranks of a CP group; exact.
 
@@ -356,15 +460,22 @@ def attention_cp(
         attention_mask: 0/1 (nonzero = token) padding mask, global `[B, T]` or this rank's
             `[B, T_loc]`; dense only in spirit (any pattern works): padded keys are never attended to
             and padded query rows output 0. A row that sees no key outputs 0, never NaN.
-        backend: "auto" | "torch" (both the torch path today; no flash-attn path is written).
+        backend: "auto" | "torch" | "sdpa" | "flash": the kernel of each local part (module docstring);
+            "auto": flash-attn on CUDA for fp16/bf16 when installed, else SDPA on CUDA, else "torch".
         verify_agreement: check first (one tiny all_gather) that every rank passes the same shapes,
             dtype, causal, window, scale, mask presence and context, and that all or none record a
             graph; a mismatch raises ValueError on every rank. False skips that collective.
+        past_key_value: a continuation's cached keys and values `(k_past [B, Lp, Hkv, D], v_past
+            [B, Lp, Hkv, Dv])`, the same on every rank (replicated, as a KV cache under CP is): the Lp
+            positions right before this call's first token, in every row's one document (dense input
+            only, causal). With a window only the last W-1 of them can be seen.
+        past_mask: `[B, Lp]` 0/1 padding of the cached keys (None: all valid).
 
     Returns:
         o `[B, T_loc, H, Dv]` in q's dtype. Softmax in fp32 (fp64 for fp64 inputs); autocast does not
-        reach inside. Local q, k, v get exactly their single-device gradients; the backward is
-        collective (every rank must backpropagate through o). Double backward raises.
+        reach inside. Local q, k, v get exactly their single-device gradients; the replicated
+        `past_key_value` gets this rank's share (the sum over the group is one device's gradient). The
+        backward is collective (every rank must backpropagate through o). Double backward raises.
     """
     cp, single = cp_context, cp_context is None
     if single:
@@ -376,9 +487,11 @@ def attention_cp(
         raise TypeError(f"attention_cp: cp_context must be a CPContext from build_cp_context, "
                         f"got {type(cp).__name__}")
     try:
-        error = _local_error(q, k, v, cp, causal, window_size, scale, attention_mask, cu_seqlens, backend, single)
+        error = _local_error(q, k, v, cp, causal, window_size, scale, attention_mask, cu_seqlens, backend, single,
+                             past_key_value, past_mask)
         if error is None and scale is None:
             scale = q.shape[-1] ** -0.5
+        kernel = resolve_attention_kernel(backend, q, head_dim_v=v.shape[-1]) if error is None else None
     except Exception as e:  # noqa: BLE001 - whatever fails here must reach the other ranks, not strand them
         error = f"{type(e).__name__}: {e}"
     if not verify_agreement or cp.world_size == 1:
@@ -386,7 +499,9 @@ def attention_cp(
             raise ValueError(f"attention_cp: {'' if single else f'rank {cp.rank}: '}{error}")
     else:
         checks.check_agreement(cp.group, error, checks.attention_fields(
-            cp, error is None, q, k, v, causal, window_size, scale, attention_mask is not None), what="attention_cp")
+            cp, error is None, q, k, v, causal, window_size, scale, attention_mask is not None,
+            past=(past_key_value[0].shape[1], past_mask is not None) if past_key_value is not None else None),
+            what="attention_cp")
 
     key_mask = None
     if attention_mask is not None:
@@ -394,4 +509,8 @@ def attention_cp(
         if key_mask.shape[1] != q.shape[1]:
             key_mask = cp.shard(key_mask, dim=1)
     window = None if window_size is None else int(window_size)
-    return AttentionCPFunction.apply(q, k, v, key_mask, cp, bool(causal), window, float(scale))
+    k_past, v_past = past_key_value if past_key_value is not None else (None, None)
+    if past_mask is not None:
+        past_mask = past_mask != 0
+    return AttentionCPFunction.apply(q, k, v, key_mask, k_past, v_past, past_mask, cp, bool(causal), window,
+                                     float(scale), kernel)

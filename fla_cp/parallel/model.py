@@ -157,14 +157,15 @@ class CPModelMixin:
         return None
 
     def _cp_layers(self) -> list:
-        """One CP layer of each kind (their checks speak for every layer of that kind: a continuation's
-        cache holds every layer's states from the same calls). Found once: a model's layers are fixed."""
+        """One CP layer of each kind: class and sizes (their checks speak for every layer of that kind: a
+        continuation's cache holds every layer's states from the same calls; a hybrid's windowed and full
+        attention layers are two kinds). Found once: a model's layers are fixed."""
         found = self.__dict__.get("_cp_layer_kinds")
         if found is None:
             kinds = {}
             for m in self.modules():
                 if m is not self and hasattr(m, "cp_sizes") and hasattr(m, "_cp_input_error"):
-                    kinds.setdefault(type(m), m)
+                    kinds.setdefault((type(m), tuple(m.cp_sizes())), m)
             found = self.__dict__["_cp_layer_kinds"] = list(kinds.values())
         return found
 
@@ -268,7 +269,7 @@ class CPModelMixin:
             recomputes=bool(getattr(self, "gradient_checkpointing", False) and self.training), content=content)
         layers = self._cp_layers()
         sizes = [n for layer in layers for n in layer.cp_sizes()]
-        fields.update(checks.layer_fields(hidden, cp, attention_mask, use_cache, sizes[:8], content=content))
+        fields.update(checks.layer_fields(hidden, cp, attention_mask, use_cache, sizes, content=content))
         error = None
         if loss_args is not None:
             loss_fields, error = checks.loss_fields(**loss_args, inputs=inputs, content=content)

@@ -19,7 +19,8 @@ import torch.nn as nn
 from fla.models.cache_utils import Cache
 from fla.models.gated_deltanet.modeling_gated_deltanet import GatedDeltaNetPreTrainedModel
 from fla.models.generation_utils import FLAUnsupportedCacheGenerationMixin
-from fla.models.modeling_utils import FLAForCausalLM, get_attention
+from fla.models.configuration_utils import get_attention_spec
+from fla.models.modeling_utils import FLAForCausalLM
 from fla.modules import GatedMLP, RMSNorm
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -27,7 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
 from fla_cp.checks import IGNORE_INDEX  # noqa: F401  (re-exported)
-from fla_cp.layers import GatedDeltaNetCP
+from fla_cp.layers import AttentionCP, GatedDeltaNetCP
 from fla_cp.layers.functional import gated_mlp, rms_norm
 from fla_cp.models.gated_deltanet_cp.configuration_gated_deltanet_cp import CP_FIELDS, GatedDeltaNetCPConfig
 from fla_cp.models.hf_compat import cache_field, one_cache
@@ -38,15 +39,23 @@ from fla_cp.parallel.mesh import init_cp_mesh  # noqa: F401  (re-exported)
 
 
 class GatedDeltaNetCPBlock(GradientCheckpointingLayer):
-    """FLA's GatedDeltaNetBlock (same submodule names), with CP-aware mixer and CPU-capable norms/MLP."""
+    """FLA's GatedDeltaNetBlock (same submodule names), with a CP mixer (GatedDeltaNetCP, or AttentionCP for
+    a hybrid config's `attn` layers) and CPU-capable norms/MLP."""
 
     def __init__(self, config: GatedDeltaNetCPConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.attn_norm = (RMSNorm if config.fuse_norm else nn.RMSNorm)(config.hidden_size, eps=config.norm_eps)
-        self.attn = get_attention(config=config, layer_idx=layer_idx)
-        if self.attn is None:
+        spec = get_attention_spec(config.attn, layer_idx=layer_idx)
+        if spec is not None:
+            # a hybrid config's softmax-attention layer: FLA's `get_attention` arguments (FLA passes no qk_norm)
+            self.attn = AttentionCP(
+                hidden_size=config.hidden_size, num_heads=spec['num_heads'], num_kv_heads=spec['num_kv_heads'],
+                qkv_bias=spec['qkv_bias'], window_size=spec['window_size'], rope_theta=spec['rope_theta'],
+                max_position_embeddings=config.max_position_embeddings, layer_idx=layer_idx,
+                backend="torch" if config.backend == "torch" else "auto")
+        else:
             self.attn = GatedDeltaNetCP(
                 hidden_size=config.hidden_size, expand_v=config.expand_v, head_dim=config.head_dim,
                 num_heads=config.num_heads, num_v_heads=config.num_v_heads, mode=config.attn_mode,
@@ -63,14 +72,10 @@ class GatedDeltaNetCPBlock(GradientCheckpointingLayer):
                 cp_context=None, cu_seqlens=None, verify_agreement=True, **kwargs):
         residual = hidden_states
         hidden_states = rms_norm(self.attn_norm, hidden_states)
-        if isinstance(self.attn, GatedDeltaNetCP):
-            hidden_states, _, past_key_values = self.attn(
-                hidden_states, cp_context=cp_context, attention_mask=attention_mask, cu_seqlens=cu_seqlens,
-                past_key_values=past_key_values, use_cache=use_cache, verify_agreement=verify_agreement)
-        else:  # softmax attention layer of a hybrid config (cp_size == 1 only)
-            hidden_states, _, past_key_values = self.attn(
-                hidden_states=hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
-                use_cache=use_cache, cu_seqlens=cu_seqlens, **kwargs)
+        # GatedDeltaNetCP or AttentionCP: one calling convention
+        hidden_states, _, past_key_values = self.attn(
+            hidden_states, cp_context=cp_context, attention_mask=attention_mask, cu_seqlens=cu_seqlens,
+            past_key_values=past_key_values, use_cache=use_cache, verify_agreement=verify_agreement)
         hidden_states, residual = rms_norm(self.mlp_norm, hidden_states, residual, prenorm=True)
         hidden_states = residual + gated_mlp(self.mlp, hidden_states)
         return hidden_states, past_key_values
@@ -115,10 +120,6 @@ class GatedDeltaNetCPPreTrainedModel(CPModelMixin, GatedDeltaNetPreTrainedModel)
         super().setup_cp(config, device_mesh, cp_group)
         if getattr(config, "attnres_block_size", None) is not None:
             raise NotImplementedError("GatedDeltaNetCP models do not support attnres_block_size")
-        if config.cp_size > 1 and config.attn is not None:
-            raise ValueError("hybrid configs with attention layers (`attn`) are not supported with cp_size > 1 "
-                             "yet: fla_cp has no CP attention layer (only the operator, fla_cp.ops.attention_cp); "
-                             "use cp_size=1 or a pure GDN config")
 
 
 class GatedDeltaNetCPModel(GatedDeltaNetCPPreTrainedModel):

@@ -182,7 +182,10 @@ def _mismatch_messages(rank):
     layer = make_layer(dict(Hkv=2, W=4), 0)
     x = torch.randn(1, ctx.local_len, HIDDEN)
     messages = []
-    for kwargs in (dict(use_cache=True) if rank == 1 else {},
+    from fla.models.cache_utils import Cache
+    bad = Cache()
+    bad.update(attn_state=(torch.zeros(2, 5, 2 * HEAD_DIM), torch.zeros(2, 5, 2 * HEAD_DIM)), layer_idx=0, offset=5)
+    for kwargs in (dict(past_key_values=bad) if rank == 1 else {},
                    dict(attention_mask=torch.ones(1, 7)) if rank == 0 else {}):
         try:
             layer(x, cp_context=ctx, **kwargs)
@@ -228,7 +231,7 @@ def test_cp_layer_matches_fp64_reference(world_size):
     if world_size == 2:
         for _, msgs in results:
             cache, mask, graph = msgs
-            assert cache and "rank 1" in cache and "use_cache=True" in cache and "not implemented" in cache
+            assert cache and "rank 1" in cache and "one K/V row per input row" in cache
             assert mask and "rank 0" in mask and "attention_mask" in mask
             assert graph and "records a graph" in graph and "differs between ranks" in graph
 
@@ -301,12 +304,18 @@ def test_errors():
     layer = make_layer(case, 0)
     ctx = build_cp_context(None, seq_len=12)           # one rank: the local checks
     x = torch.randn(1, 12, HIDDEN)
-    with pytest.raises(ValueError, match="use_cache=True: KV caches are not implemented"):
-        layer(x, cp_context=ctx, use_cache=True)
-    with pytest.raises(ValueError, match="past_key_values"):
-        layer(x, cp_context=ctx, past_key_values=object())
-    with pytest.raises(ValueError, match="use_cache=True: KV caches are not implemented"):
-        layer(x, use_cache=True)                         # no CP: FLA's forward needs flash-attn and CUDA
+    from fla.models.cache_utils import Cache
+    cache = Cache()
+    layer(x, past_key_values=cache, use_cache=True)     # a prefill fills the cache: [1, W, Hkv*D]
+    assert cache[0]["attn_state"][0].shape == (1, 4, 2 * HEAD_DIM) and cache.get_seq_length(0) == 12
+    with pytest.raises(ValueError, match="one K/V row per input row"):
+        layer(torch.randn(2, 1, HIDDEN), past_key_values=cache)
+    with pytest.raises(ValueError, match="packed input .* cannot continue"):
+        layer(x, past_key_values=cache, cu_seqlens=torch.tensor([0, 5, 12]))
+    with pytest.raises(ValueError, match="packed input .* cannot continue"):
+        layer(x, cp_context=build_cp_context(None, cu_seqlens=[0, 5, 12]), past_key_values=cache)
+    with pytest.raises(ValueError, match=r"attention_mask must be .*past \+ 1"):
+        layer(torch.randn(1, 1, HIDDEN), past_key_values=cache, attention_mask=torch.ones(1, 1, 5))
     hole = torch.tensor([[1, 1, 0, 1] + [1] * 8])
     with pytest.raises(ValueError, match="hole.*window_size=4"):
         layer(x, attention_mask=hole)
@@ -335,37 +344,9 @@ def test_errors():
 
 
 # ------------------------------------------------------------------ FLA's own forward, run on the CPU
-def _flash_stand_in(q, k, v, causal, window_size, softmax_scale=None):
-    """One sequence through flash-attn's documented semantics (fp64 inside): q `[Tq, H, D]`, k/v `[Tk, Hkv, D]`;
-    query i sees keys [i + Tk - Tq - left, i + Tk - Tq + right] (bottom-right aligned; -1: unlimited;
-    causal: right = 0); GQA head h reads key head h // (H // Hkv); scale D ** -0.5 by default."""
-    Tq, Tk = q.shape[0], k.shape[0]
-    r = q.shape[1] // k.shape[1]
-    kk, vv = k.double().repeat_interleave(r, 1), v.double().repeat_interleave(r, 1)
-    s = torch.einsum("qhd,khd->hqk", q.double(), kk) * (softmax_scale or q.shape[-1] ** -0.5)
-    i = torch.arange(Tq)[:, None] + Tk - Tq
-    j = torch.arange(Tk)[None, :]
-    left, right = window_size
-    right = 0 if causal else right
-    ok = torch.ones(Tq, Tk, dtype=torch.bool)
-    if left >= 0:
-        ok &= j >= i - left
-    if right >= 0:
-        ok &= j <= i + right
-    p = torch.softmax(s.masked_fill(~ok, float("-inf")), -1).nan_to_num(0.0)
-    return torch.einsum("hqk,khd->qhd", p, vv).to(q.dtype)
-
-
-def _flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), **kw):
-    return torch.stack([_flash_stand_in(q[b], k[b], v[b], causal, window_size, softmax_scale)
-                        for b in range(q.shape[0])])
-
-
-def _flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0,
-                            softmax_scale=None, causal=False, window_size=(-1, -1), **kw):
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    return torch.cat([_flash_stand_in(q[a:b], k[c:d], v[c:d], causal, window_size, softmax_scale)
-                      for a, b, c, d in zip(cq, cq[1:], ck, ck[1:])])
+# flash-attn's documented semantics on the CPU (fp64 inside): tests/cp/_flash_stand_in.py
+from _flash_stand_in import flash_attn_func as _flash_attn_func  # noqa: E402
+from _flash_stand_in import flash_attn_varlen_func as _flash_attn_varlen_func  # noqa: E402
 
 
 FLA_CASES = [
@@ -405,6 +386,66 @@ def _fla_forward_worker(rank, world_size, cases, seed):
             rope_err = max((ours._rope(q, pos) - fq).abs().max().item(), (ours._rope(k, pos) - fk).abs().max().item())
         out.append((got, want, rope_err))
     return out
+
+
+# KV caches, as generate uses them: a prefill into an empty cache, a multi-token continuation (FLA has
+# none with a padding mask: its unpad takes q_len == k_len or 1), decode steps
+FLA_CACHE_CASES = [
+    dict(name="cache_left_pad_full", B=2, T=20, Hkv=2, pad="left", continuation=0, steps=4),
+    dict(name="cache_no_mask_full_gqa", B=2, T=20, Hkv=2, continuation=5, steps=3),
+    dict(name="cache_left_pad_window", B=2, T=20, Hkv=2, W=6, pad="left", continuation=0, steps=4),
+    dict(name="cache_no_mask_window_mqa", B=2, T=20, Hkv=1, W=4, continuation=5, steps=3),
+]
+
+
+def _fla_cache_worker(rank, world_size, cases, seed):
+    """FLA's `Attention.forward` with FLA's `Cache` (interpreted, flash-attn stand-in) vs AttentionCP without
+    CP: every call's output and, after each, the cached K/V at the valid positions (the cached keys carry
+    RoPE at FLA's positions: the seen tokens minus the row's pads)."""
+    import fla.layers.attn as fla_attn
+    from fla.models.cache_utils import Cache
+    fla_attn.flash_attn_func = _flash_attn_func
+    fla_attn.flash_attn_varlen_func = _flash_attn_varlen_func
+    out = []
+    for case in cases:
+        ours = make_layer(case, seed)
+        theirs = fla_attn.Attention(**layer_kwargs(case))
+        theirs.load_state_dict(ours.state_dict())
+        T0, T1, steps = case["T"], case["continuation"], case["steps"]
+        x, mask, _ = make_inputs({**case, "T": T0 + T1 + steps}, seed)
+        if mask is not None:
+            mask[:, T0:] = 1                            # left padding: the prompt's
+        calls = [(0, T0)] + ([(T0, T0 + T1)] if T1 else []) + [(t, t + 1) for t in range(T0 + T1, T0 + T1 + steps)]
+        caches = [Cache(), Cache()]
+        errs = []
+        with torch.no_grad():
+            for a, b in calls:
+                m = mask[:, :b] if mask is not None else None          # generate's [B, past + T]
+                got = ours(x[:, a:b], attention_mask=m, past_key_values=caches[0], use_cache=True)[0]
+                want = theirs(x[:, a:b], attention_mask=m, past_key_values=caches[1], use_cache=True)[0]
+                kv = [c[case.get("layer_idx", 0)]["attn_state"] for c in caches]
+                L = kv[0][0].shape[1]
+                valid = (mask[:, b - L:b] if mask is not None else torch.ones(x.shape[0], L)).bool()
+                cache_err = max(rel_err(o[valid], t[valid]) for o, t in zip(*kv))
+                errs.append((rel_err(got, want), cache_err, L, caches[0].get_seq_length(0) == caches[1].get_seq_length(0)))
+        out.append(errs)
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_cache_matches_fla_forward_with_flash_attn_stand_in():
+    """The KV cache semantics are FLA's: what is stored (the last W with a window), the RoPE offset with
+    a cache (a left-padded row's first token at 0), the keys each query sees in continuation and decode."""
+    from _interpret import interpret_env
+    with interpret_env(always=True):
+        got = run_ranks(_fla_cache_worker, 1, (FLA_CACHE_CASES, SEEDS[0]))[0]
+    for case, errs in zip(FLA_CACHE_CASES, got):
+        for i, (err, cache_err, L, same_len) in enumerate(errs):
+            assert err <= TOL, f"{case['name']} call {i} seed={SEEDS[0]}: output rel err {err:.2e} vs FLA"
+            assert cache_err <= TOL, f"{case['name']} call {i}: cached K/V rel err {cache_err:.2e} vs FLA"
+            assert same_len, f"{case['name']} call {i}: seen tokens differ"
+            if case.get("W"):
+                assert L <= case["W"], f"{case['name']}: the cache holds {L} > W positions"
 
 
 @pytest.mark.timeout(300)

@@ -34,7 +34,26 @@ CASES = [
     dict(name="packed_w20_zigzag_left_pad", cu=PACKED, H=2, Hkv=1, D=6, Dv=6, W=20, layout="zigzag", pad="left"),
     dict(name="packed_non_causal", cu=PACKED, H=2, Hkv=1, D=4, Dv=4, causal=False, layout="zigzag"),
     dict(name="dense_non_causal_pad", B=2, T=19, H=2, Hkv=2, D=4, Dv=4, causal=False, pad="left"),
+    # the other kernels of a part (attention_kernels): SDPA with the boolean mask; flash-attn's varlen
+    # function (on CPU: the stand-in of tests/cp/_flash_stand_in.py, flash-attn's documented semantics)
+    dict(name="sdpa_dense_gqa_full_zigzag_pad", B=2, T=37, H=4, Hkv=2, D=8, Dv=6, layout="zigzag", pad="left",
+         kernel="sdpa"),
+    dict(name="sdpa_packed_w4", cu=PACKED, H=4, Hkv=2, D=8, Dv=6, W=4, kernel="sdpa"),
+    dict(name="flash_dense_left_pad_window", B=2, T=37, H=2, Hkv=1, D=5, Dv=5, W=5, pad="left", kernel="flash"),
+    dict(name="flash_packed_full_zigzag_pad", cu=PACKED, H=4, Hkv=2, D=8, Dv=8, layout="zigzag", pad="right",
+         kernel="flash"),
+    dict(name="flash_packed_w20_zigzag", cu=PACKED, H=2, Hkv=1, D=6, Dv=4, W=20, layout="zigzag", kernel="flash"),
+    dict(name="flash_packed_non_causal", cu=PACKED, H=2, Hkv=1, D=4, Dv=4, causal=False, kernel="flash"),
 ]
+
+
+def use_flash_stand_in():
+    """flash-attn's varlen function replaced by the CPU stand-in, and allowed on CPU (in this process)."""
+    import _flash_stand_in
+
+    from fla_cp.ops import attention_kernels
+    attention_kernels._FLASH_VARLEN = _flash_stand_in.flash_attn_varlen_func
+    attention_kernels._flash_unavailable = lambda q, head_dim_v: None
 
 
 def make_inputs(case: dict, seed: int):
@@ -94,7 +113,8 @@ def run_cp(case: dict, seed: int, ctx):
     leaves = [x.requires_grad_() for x in (q, k, v)]
     local = [ctx.shard(x) for x in leaves]
     m = ctx.shard(mask) if mask is not None and case.get("local_mask") else mask
-    o = attention_cp(*local, ctx, causal=case.get("causal", True), window_size=case.get("W"), attention_mask=m)
+    o = attention_cp(*local, ctx, causal=case.get("causal", True), window_size=case.get("W"), attention_mask=m,
+                     backend=case.get("kernel", "auto"))
     assert o.dtype == torch.float32 and torch.isfinite(o).all()
     (o * ctx.shard(w)).sum().backward()
     grads = [x.grad.clone() for x in leaves]
@@ -104,6 +124,7 @@ def run_cp(case: dict, seed: int, ctx):
 
 
 def _worker(rank, world_size, cases, seeds):
+    use_flash_stand_in()
     out = []
     for case in cases:
         layout = case.get("layout", "contiguous")
