@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One command for a lent GPU: correctness of the triton backend on CUDA, the layer / model / scripts
-# on CUDA, then the per-rank benchmark. Three groups, each well inside the device tool's 10 minutes
+# on CUDA, the hybrid (GDN + attention) model, then the per-rank benchmark. Four groups, each well inside the device tool's 10 minutes
 # per call, so a session runs them as separate calls (or all at once where no such limit applies):
 #
 #   scripts/gpu_check.sh op        # 1-3 below: op correctness, fp32 and bf16     (step limits 5.5 min)
 #   scripts/gpu_check.sh model     # 4: numerical check, FLA loss kernels, training, memory on CUDA (step limits 9 min)
+#   scripts/gpu_check.sh attention # 4b: attention kernels, hybrid model CP vs one process (limits 7 min)
 #   scripts/gpu_check.sh bench     # 5: scripts/bench_op.py                       (limit 9 min)
-#   scripts/gpu_check.sh           # all three
+#   scripts/gpu_check.sh           # all four
 #   BENCH_ARGS="--T 32768 --P 4 --shapes main" scripts/gpu_check.sh bench
 #
 # 1. FLA: install the wheels carried in .whl/ (no network on the GPU machine) unless FLA 0.6.0 is
@@ -31,6 +32,11 @@
 #    torch's cross-entropy (one process), 20 training steps in bf16, and
 #    per-rank peak memory at cp_size 1 and 2; untuned too (memory does not depend on the config): the
 #    scripts run under scripts/triton_patches.py, which applies the same patches first.
+# 4b. Hybrid models: scripts/check_attention_cuda.py (each attention kernel of a local part: flash-attn's
+#    varlen function in bf16 when flash-attn is installed, torch SDPA in bf16 and fp32, vs fp64 math),
+#    then tests/cp/test_numerical_correctness.py --hybrid (GDN layers plus full and windowed attention):
+#    CP=2 vs one process in fp32 (SDPA) and bf16 (flash-attn when installed, else SDPA), and CP=2 zigzag
+#    with the attention layers forced onto SDPA against the same reference.
 # 5. scripts/bench_op.py: the per-rank cost table (BENCH_ARGS passed through), autotuned.
 # Every step has a time limit; the summary at the end says what passed.
 set -u
@@ -41,9 +47,9 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}   # the GPU image has p
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 BENCH_ARGS=${BENCH_ARGS:-}
-STEPS=${*:-op model bench}
+STEPS=${*:-op model attention bench}
 for group in $STEPS; do
-  case $group in op|model|bench) ;; *) echo "unknown group '$group' (op, model, bench)"; exit 2 ;; esac
+  case $group in op|model|attention|bench) ;; *) echo "unknown group '$group' (op, model, attention, bench)"; exit 2 ;; esac
 done
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node=2"
@@ -122,6 +128,22 @@ if wants model; then
       --results_dir "$OUT/memory"
   run memory_cp2 90 $TORCHRUN $PATCHED tests/cp/benchmark_memory.py --cp_size 2 --seq_lens 8192,32768 \
       --results_dir "$OUT/memory" --plot "$OUT/memory_gpu.png"
+  unset FLA_CP_AUTOTUNE
+fi
+
+# --- 4b. hybrid models: the attention kernels and the GDN + attention model on CUDA --------------
+if wants attention; then
+  export FLA_CP_AUTOTUNE=0
+  # each kernel of a part (flash-attn varlen in bf16 when installed, SDPA in bf16 and fp32) vs fp64 math
+  run attention_kernels 120 $PY scripts/check_attention_cuda.py
+  # the hybrid model, CP=2 vs one process, fp32 (SDPA; IEEE dots) and bf16 (flash-attn when installed),
+  # then CP with the attention layers forced onto SDPA against the same reference
+  run hybrid_reference 100 env TRITON_F32_DEFAULT=ieee $PY $PATCHED tests/cp/test_numerical_correctness.py \
+      --mode single --hybrid --save_ref --ref "$OUT/hybrid_reference.pt" --train_steps 3
+  run hybrid_cp2 100 env TRITON_F32_DEFAULT=ieee $TORCHRUN $PATCHED tests/cp/test_numerical_correctness.py \
+      --mode cp --hybrid --cp_size 2 --ref "$OUT/hybrid_reference.pt"
+  run hybrid_cp2_sdpa_zigzag 100 env TRITON_F32_DEFAULT=ieee $TORCHRUN $PATCHED tests/cp/test_numerical_correctness.py \
+      --mode cp --hybrid --cp_size 2 --cp_layout zigzag --attention_kernel sdpa --ref "$OUT/hybrid_reference.pt"
   unset FLA_CP_AUTOTUNE
 fi
 

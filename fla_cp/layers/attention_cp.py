@@ -82,6 +82,9 @@ class AttentionCP(Attention):
     def __init__(self, *args, backend: str = "auto", **kwargs):
         if not isinstance(backend, str) or backend not in ATTENTION_BACKENDS:
             raise ValueError(f"{type(self).__name__}: backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+        error = _size_error(*args, **kwargs)
+        if error:
+            raise ValueError(f"{type(self).__name__}: {error}")
         if flash_attn_available():
             super().__init__(*args, **kwargs)
         else:
@@ -351,6 +354,23 @@ class AttentionCP(Attention):
         """The layer's sizes that its collectives' shapes follow from (D, H, Hkv, head_dim, window or 0),
         for the agreement check (`fla_cp.checks.layer_fields`)."""
         return [self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, int(self.window_size or 0)]
+
+
+def _size_error(hidden_size: int = 2048, num_heads: int = 32, num_kv_heads: int | None = None,
+                window_size: int | None = None, **_) -> str | None:
+    """What FLA's constructor would assert (or silently truncate: head_dim = hidden_size // num_heads), as
+    an error naming the argument; None when the sizes fit."""
+    def positive_int(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+    if not positive_int(hidden_size) or not positive_int(num_heads):
+        return f"hidden_size and num_heads must be ints >= 1, got {hidden_size!r} and {num_heads!r}"
+    if hidden_size % num_heads:
+        return f"num_heads={num_heads} does not divide hidden_size={hidden_size} (head_dim must be an integer)"
+    if num_kv_heads is not None and (not positive_int(num_kv_heads) or num_heads % num_kv_heads):
+        return f"num_kv_heads={num_kv_heads!r} must be an int >= 1 dividing num_heads={num_heads} (GQA groups)"
+    if window_size is not None and not positive_int(window_size):
+        return f"window_size must be None or an int >= 1 (keys a query sees, itself included), got {window_size!r}"
+    return None
 
 
 def comm_unshard(x: torch.Tensor, cp) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
     python tests/cp/test_numerical_correctness.py --mode single --save_ref
     torchrun --nproc_per_node=2 tests/cp/test_numerical_correctness.py --mode cp --cp_size 2
+    (add --hybrid to both for a GDN + softmax-attention model; --attention_kernel picks its kernel)
     pytest tests/cp/test_numerical_correctness.py          # the same check in-process for P=2 (gloo)
 
 On fixed batches (a dense batch of 2 rows and a packed row of documents with global cu_seqlens) the
@@ -39,6 +40,11 @@ MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_heads": 2, "head_dim": 
 SEQ_LEN = 320          # dense rows: 2 x 320;  packed row: 320 tokens, documents below
 DOC_LENS = [7, 150, 1, 3, 90, 69]   # a 1-token doc, docs crossing every P=2/3/4 boundary, short tail docs
 TRAIN_LR = {"sgd": 0.1, "adamw": 1e-3}
+# --hybrid: 4 layers, softmax attention (FLA `attn` specs) in layer 1 (full, GQA) and 3 (window 64)
+HYBRID = {"num_hidden_layers": 4,
+          "attn": [{"layers": [1], "num_heads": 4, "num_kv_heads": 2},
+                   {"layers": [3], "num_heads": 4, "num_kv_heads": 2, "window_size": 64}]}
+RUN = {"hybrid": False, "attention_kernel": "auto"}      # set from the command line
 
 TOLERANCES = {
     "fp32": {"logits_rtol": 1e-5, "logits_atol": 1e-5, "logits_share": 1.0, "loss_rel": 1e-5, "grad_rel": 1e-5,
@@ -83,9 +89,13 @@ def build_model(dtype: str, cp_size: int, device_mesh=None, cp_group=None, layou
     from fla_cp.models import GatedDeltaNetCPConfig, GatedDeltaNetCPForCausalLM
     from fla_cp.utils.configs import model_config_kwargs
     torch.manual_seed(0)
-    kwargs = model_config_kwargs("tiny", MODEL["vocab_size"], **{k: v for k, v in MODEL.items() if k != "vocab_size"})
+    sizes = {**{k: v for k, v in MODEL.items() if k != "vocab_size"}, **(HYBRID if RUN["hybrid"] else {})}
+    kwargs = model_config_kwargs("tiny", MODEL["vocab_size"], **sizes)
     config = GatedDeltaNetCPConfig(**kwargs, cp_size=cp_size, cp_layout=layout)
     model = GatedDeltaNetCPForCausalLM(config, device_mesh=device_mesh, cp_group=cp_group)
+    for layer in model.model.layers:
+        if hasattr(layer.attn, "window_size") and not hasattr(layer.attn, "A_log"):    # AttentionCP
+            layer.attn.backend = RUN["attention_kernel"]
     return model.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
 
 
@@ -241,6 +251,11 @@ def get_args(argv=None):
     p.add_argument("--train_steps", type=int, default=None,
                    help="golden training steps (fp32 only; 0: skip). single mode: default 3; cp mode: default "
                    "the reference's count, the only other value allowed is 0")
+    p.add_argument("--hybrid", action="store_true",
+                   help="a hybrid model: GDN layers plus softmax attention (full and windowed), FLA's attn config")
+    p.add_argument("--attention_kernel", default="auto", choices=["auto", "torch", "sdpa", "flash"],
+                   help="the attention layers' kernel (--hybrid): auto picks flash-attn on CUDA for bf16 "
+                   "when installed, else SDPA on CUDA, else torch")
     args = p.parse_args(argv)
     args.dtypes = args.dtypes.split(",")
     bad = [dt for dt in args.dtypes if dt not in TOLERANCES]      # e.g. fp16: no bounds, no reference for it
@@ -264,6 +279,7 @@ def cp_train_steps(requested: int | None, saved: int) -> int:
 
 def main(argv=None) -> int:
     args = get_args(argv)
+    RUN.update(hybrid=args.hybrid, attention_kernel=args.attention_kernel)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     dtypes = args.dtypes
     if args.mode == "single":
@@ -276,7 +292,7 @@ def main(argv=None) -> int:
                             for k, v in res.items() if k.startswith("train")))
         if args.save_ref:
             Path(args.ref).parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"results": results, "train_steps": train_steps}, args.ref)
+            torch.save({"results": results, "train_steps": train_steps, "hybrid": args.hybrid}, args.ref)
             print(f"saved reference to {args.ref}")
         return 0
 
@@ -305,6 +321,12 @@ def main(argv=None) -> int:
         cleanup_distributed(info)
         return 2
     saved = torch.load(args.ref, weights_only=False)
+    if saved.get("hybrid", False) != args.hybrid:
+        if info.is_main:
+            print(f"error: the reference at {args.ref} was saved {'with' if saved.get('hybrid') else 'without'} "
+                  f"--hybrid: pass the same", file=sys.stderr)
+        cleanup_distributed(info)
+        return 2
     try:
         train_steps = cp_train_steps(args.train_steps, saved["train_steps"])
     except ValueError as e:
@@ -313,8 +335,9 @@ def main(argv=None) -> int:
         cleanup_distributed(info)
         return 2
     mesh = init_cp_mesh(cp_size, device_type=info.device.type)
+    model_desc = {**MODEL, **HYBRID, "attention_kernel": args.attention_kernel} if args.hybrid else MODEL
     report = Report(f"Context parallelism vs single process | cp_size={cp_size} layout={args.cp_layout} "
-                    f"backend={info.backend} device={info.device} | model {MODEL} | reference {args.ref}")
+                    f"backend={info.backend} device={info.device} | model {model_desc} | reference {args.ref}")
     for dt in dtypes:
         if dt not in saved["results"]:
             report.add(f"{dt}: reference present", "missing", f"saved with --dtypes {dt}", False)
@@ -378,12 +401,19 @@ def test_cli_single_then_cp_exit_codes(tmp_path):
     name = next(iter(grads))
     grads[name] = grads[name] * (1 + 1e-3)            # a 0.1% gradient error must fail the fp32 check
     torch.save(saved, bad)
+    # the hybrid model (GDN + full and windowed attention layers); a reference of the other model is refused
+    hybrid = str(tmp_path / "hybrid.pt")
+    assert main(["--mode", "single", "--hybrid", "--save_ref", "--ref", hybrid, *common]) == 0
     runs = [["--mode", "cp", "--ref", ref, *common],
             ["--mode", "cp", "--ref", bad, *common],
             ["--mode", "cp", "--ref", trained, *common],
-            ["--mode", "cp", "--ref", trained, "--dtypes", "fp32", "--train_steps", "2"]]
+            ["--mode", "cp", "--ref", trained, "--dtypes", "fp32", "--train_steps", "2"],
+            ["--mode", "cp", "--hybrid", "--ref", hybrid, *common],
+            ["--mode", "cp", "--hybrid", "--cp_layout", "zigzag", "--attention_kernel", "sdpa", "--ref", hybrid,
+             *common],
+            ["--mode", "cp", "--ref", hybrid, *common]]
     codes = run_ranks(_cli_rank, 2, args=(runs,), timeout=300)
-    assert codes == [[0, 1, 0, 2], [0, 1, 0, 2]]
+    assert codes == [[0, 1, 0, 2, 0, 0, 2], [0, 1, 0, 2, 0, 0, 2]]
 
 
 def test_report_fails_on_a_wrong_gradient():

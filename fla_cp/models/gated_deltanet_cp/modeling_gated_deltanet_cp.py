@@ -50,11 +50,14 @@ class GatedDeltaNetCPBlock(GradientCheckpointingLayer):
         spec = get_attention_spec(config.attn, layer_idx=layer_idx)
         if spec is not None:
             # a hybrid config's softmax-attention layer: FLA's `get_attention` arguments (FLA passes no qk_norm)
-            self.attn = AttentionCP(
-                hidden_size=config.hidden_size, num_heads=spec['num_heads'], num_kv_heads=spec['num_kv_heads'],
-                qkv_bias=spec['qkv_bias'], window_size=spec['window_size'], rope_theta=spec['rope_theta'],
-                max_position_embeddings=config.max_position_embeddings, layer_idx=layer_idx,
-                backend="torch" if config.backend == "torch" else "auto")
+            try:
+                self.attn = AttentionCP(
+                    hidden_size=config.hidden_size, num_heads=spec['num_heads'], num_kv_heads=spec['num_kv_heads'],
+                    qkv_bias=spec['qkv_bias'], window_size=spec['window_size'], rope_theta=spec['rope_theta'],
+                    max_position_embeddings=config.max_position_embeddings, layer_idx=layer_idx,
+                    backend="torch" if config.backend == "torch" else "auto")
+            except ValueError as e:
+                raise ValueError(f"config.attn (layer {layer_idx}): {e}") from None
         else:
             self.attn = GatedDeltaNetCP(
                 hidden_size=config.hidden_size, expand_v=config.expand_v, head_dim=config.head_dim,

@@ -335,6 +335,12 @@ def test_errors():
         layer(torch.randn(2, 12, HIDDEN), cu_seqlens=torch.tensor([0, 5, 12]))
     with pytest.raises(ValueError, match="backend"):
         AttentionCP(hidden_size=HIDDEN, num_heads=HEADS, backend="triton")
+    with pytest.raises(ValueError, match="num_heads=5 does not divide hidden_size=32"):
+        AttentionCP(hidden_size=HIDDEN, num_heads=5)
+    with pytest.raises(ValueError, match="num_kv_heads=3 must be"):
+        AttentionCP(hidden_size=HIDDEN, num_heads=HEADS, num_kv_heads=3)
+    with pytest.raises(ValueError, match="window_size must be"):
+        AttentionCP(hidden_size=HIDDEN, num_heads=HEADS, window_size=0)
     # without a window a mask with a hole is exact (FLA's unpadded causal order is the stream's)
     no_window = make_layer(dict(Hkv=2), 0)
     o, _, _ = no_window(x, attention_mask=hole)
