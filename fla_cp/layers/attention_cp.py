@@ -255,8 +255,8 @@ class AttentionCP(Attention):
         `_cp_input_error` and `cp_sizes`) and runs them with `verify_agreement=False`, vouching for the
         mask's content; then only the free local checks run here."""
         error = self._cp_input_error(hidden_states, cp, attention_mask, last_state, mask_content=verify_agreement)
-        if error is None and cu_seqlens is not None:
-            error = _cu_seqlens_error(cu_seqlens, cp)
+        if error is None and cu_seqlens is not None:       # (hidden_states is [B, T_loc, D] here)
+            error = cp.input_error(*hidden_states.shape[:2], "hidden_states", cu_seqlens=cu_seqlens)
         if verify_agreement and cp.world_size > 1:
             fields = checks.layer_fields(hidden_states, cp, attention_mask, use_cache, self.cp_sizes(),
                                          content=True)
@@ -278,11 +278,9 @@ class AttentionCP(Attention):
             return f"hidden_states has D={D} but the layer's hidden_size is {self.hidden_size}"
         if hidden_states.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             return f"hidden_states must be floating, got {hidden_states.dtype}"
-        if T != cp.local_len:
-            return (f"hidden_states holds {T} tokens but cp_context gives this rank {cp.local_len} "
-                    f"(global length {cp.total_len}); shard inputs with cp_context.shard(x, dim=1)")
-        if cp.packed and B != 1:
-            return f"packed CP input (cu_seqlens) must have batch size 1, got B={B}"
+        error = cp.input_error(B, T, "hidden_states")
+        if error:
+            return error
         if last_state is not None:
             error = self._cache_error(last_state, cp.num_seqs if cp.packed else B, cp.packed)
             if error:
@@ -388,14 +386,3 @@ def rope_positions(cp, device) -> torch.Tensor:
         doc = torch.searchsorted(cu, idx, right=True) - 1
         return (idx - cu[doc]).to(device)
     return cp.memo(("rope_positions", str(device)), build)
-
-
-def _cu_seqlens_error(cu_seqlens, cp) -> str | None:
-    """cu_seqlens passed under CP must be the context's global boundaries (a host read)."""
-    if not (torch.is_tensor(cu_seqlens) or isinstance(cu_seqlens, (list, tuple))):
-        return f"cu_seqlens must be a 1-D integer tensor or list, got {type(cu_seqlens).__name__}"
-    cu = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
-    if not cp.packed or cu != cp.cu_seqlens.tolist():
-        return ("cu_seqlens differs from the global boundaries cp_context was built with (under CP they come "
-                "from cp_context; pass cu_seqlens=None)")
-    return None

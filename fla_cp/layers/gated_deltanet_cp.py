@@ -176,11 +176,9 @@ class GatedDeltaNetCP(GatedDeltaNet):
         B, T, D = hidden_states.shape
         if D != self.hidden_size:
             return f"hidden_states has D={D} but the layer's hidden_size is {self.hidden_size}"
-        if T != cp.local_len:
-            return (f"hidden_states holds {T} tokens but cp_context gives this rank {cp.local_len} "
-                    f"(global length {cp.total_len}); shard inputs with cp_context.shard(x, dim=1)")
-        if cp.packed and B != 1:
-            return f"packed CP input (cu_seqlens) must have batch size 1, got B={B}"
+        error = cp.input_error(B, T, "hidden_states")
+        if error:
+            return error
         if last_state is not None:
             error = self._cache_error(last_state, cp.num_seqs if cp.packed else B, cp.packed)
             if error:

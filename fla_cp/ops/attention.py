@@ -368,23 +368,9 @@ def _local_error(q, k, v, cp: CPContext, causal, window, scale, attention_mask, 
         return f"scale must be a finite number or None, got {scale!r}"
     if not isinstance(backend, str) or backend not in ATTENTION_BACKENDS:
         return f"backend must be one of {ATTENTION_BACKENDS}, got {backend!r}"
-    if comm.world_size(cp.group) != cp.world_size:
-        return f"cp_context was built for {cp.world_size} ranks but its group has {comm.world_size(cp.group)}"
-    if single and T == 0:
-        return "q has no tokens"
-    if single and T != cp.local_len:
-        return f"cu_seqlens[-1]={cp.total_len} does not match q's length {T}"
-    if T != cp.local_len:
-        return (f"q holds {T} tokens but cp_context gives this rank {cp.local_len} "
-                f"(global length {cp.total_len}); shard inputs with cp_context.shard")
-    if cp.packed and B != 1:
-        return f"packed input (cu_seqlens) needs batch size 1, got B={B}"
-    if cu_seqlens is not None and not single:
-        if not (torch.is_tensor(cu_seqlens) or isinstance(cu_seqlens, (list, tuple))):
-            return f"cu_seqlens must be a 1-D integer tensor or list, got {type(cu_seqlens).__name__}"
-        cu = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
-        if cu != cp.cu_seqlens.tolist():
-            return "cu_seqlens differs from the one cp_context was built with"
+    error = cp.input_error(B, T, "q", single, cu_seqlens)
+    if error:
+        return error
     if attention_mask is not None:
         m = attention_mask
         if not torch.is_tensor(m):

@@ -334,24 +334,9 @@ def _local_error(q, k, v, g, beta, cp: CPContext, initial_state, cu_seqlens, sca
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
                               or not math.isfinite(scale)):
         return f"scale must be a finite number or None, got {scale!r}"
-    if comm.world_size(cp.group) != cp.world_size:
-        return (f"cp_context was built for {cp.world_size} ranks but its group has "
-                f"{comm.world_size(cp.group)}")
-    if single and T == 0:
-        return "q has no tokens"
-    if single and T != cp.local_len:
-        return f"cu_seqlens[-1]={cp.total_len} does not match q's length {T}"
-    if T != cp.local_len:
-        return (f"q holds {T} tokens but cp_context gives this rank {cp.local_len} "
-                f"(global length {cp.total_len}); shard inputs with cp_context.shard")
-    if cp.packed and B != 1:
-        return f"packed input (cu_seqlens) needs batch size 1, got B={B}"
-    if cu_seqlens is not None:
-        if not (torch.is_tensor(cu_seqlens) or isinstance(cu_seqlens, (list, tuple))):
-            return f"cu_seqlens must be a 1-D integer tensor or list, got {type(cu_seqlens).__name__}"
-        cu = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
-        if cu != cp.cu_seqlens.tolist():
-            return "cu_seqlens differs from the one cp_context was built with"
+    error = cp.input_error(B, T, "q", single, cu_seqlens)
+    if error:
+        return error
     if initial_state is not None:
         N = cp.num_seqs if cp.packed else B
         if not torch.is_tensor(initial_state) or tuple(initial_state.shape) != (N, HV, K, V):

@@ -91,6 +91,32 @@ class CPContext:
     def local_len(self) -> int:
         return sum(e - s for s, e in self.local_ranges)
 
+    def input_error(self, B: int, T: int, name: str = "q", single: bool = False, cu_seqlens=None) -> str | None:
+        """This rank's problem fitting an input of `B` rows and `T` tokens (`name`) to the split, or None:
+        the group's size, `T` vs this rank's share, `B == 1` when packed, a given `cu_seqlens` vs the
+        context's (a host read). Nothing communicates (a rank must not raise before an agreement check).
+        `single`: the context was built here from the input's own length (no `cp_context` passed), so
+        the messages speak of `cu_seqlens` rather than of a context the caller never saw."""
+        if comm.world_size(self.group) != self.world_size:
+            return f"cp_context was built for {self.world_size} ranks but its group has {comm.world_size(self.group)}"
+        if single and T == 0:
+            return f"{name} has no tokens"
+        if single and T != self.local_len:
+            return f"cu_seqlens[-1]={self.total_len} does not match {name}'s length {T}"
+        if T != self.local_len:
+            return (f"{name} holds {T} tokens but cp_context gives this rank {self.local_len} "
+                    f"(global length {self.total_len}); shard inputs with cp_context.shard(x, dim=1)")
+        if self.packed and B != 1:
+            return f"packed input (cu_seqlens) needs batch size 1, got B={B}"
+        if cu_seqlens is not None and not single:
+            if not (torch.is_tensor(cu_seqlens) or isinstance(cu_seqlens, (list, tuple))):
+                return f"cu_seqlens must be a 1-D integer tensor or list, got {type(cu_seqlens).__name__}"
+            cu = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
+            if cu != self.cu_seqlens.tolist():
+                return ("cu_seqlens differs from the global boundaries cp_context was built with (under CP they "
+                        "come from cp_context; pass cu_seqlens=None)")
+        return None
+
     def fingerprint(self) -> list[int]:
         """Integers that differ between contexts describing different splits; for agreement checks."""
         return list(self.memo("fingerprint", lambda: (self.world_size, LAYOUTS.index(self.layout), self.total_len,
