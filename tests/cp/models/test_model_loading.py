@@ -224,3 +224,51 @@ def test_auto_class_cp2_matches_fla(fla_ckpt):
         assert name == "GatedDeltaNetCPForCausalLM" and cp_size == 2 and no_dp, (rank, name, cp_size)
         assert rel_err(loss, fla_ckpt["loss"]) <= TOL, f"rank {rank}: loss {loss} vs {fla_ckpt['loss']}"
         assert rel_err(logits, fla_ckpt["logits"]) <= TOL, f"rank {rank}: logits {rel_err(logits, fla_ckpt['logits'])}"
+
+
+# ------------------------------------------------------------------------------------ hybrid checkpoints
+HYBRID_ATTN = [{"layers": [1], "num_heads": 4, "num_kv_heads": 2},
+               {"layers": [2], "num_heads": 4, "num_kv_heads": 1, "window_size": 5}]
+
+
+def _fla_hybrid_worker(rank, world, path, ids):
+    """FLA's own hybrid model (GDN + full + windowed attention), saved, and run on CPU: its Triton kernels
+    as torch math (`fla_on_cpu`) or interpreted (RoPE), flash-attn replaced by its documented semantics."""
+    import fla.layers.attn as fla_attn
+    from _flash_stand_in import flash_attn_func, flash_attn_varlen_func
+    from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+    fla_attn.flash_attn_func, fla_attn.flash_attn_varlen_func = flash_attn_func, flash_attn_varlen_func
+    torch.manual_seed(0)
+    model = GatedDeltaNetForCausalLM(GatedDeltaNetConfig(**{**CFG, "num_hidden_layers": 3}, attn=HYBRID_ATTN)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer.attn, "A_log"):
+                layer.attn.A_log.copy_(torch.linspace(-6.0, 1.0, layer.attn.num_v_heads))
+    model.save_pretrained(path)
+    model.config.fuse_cross_entropy = False
+    with torch.no_grad(), fla_on_cpu():
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+    return out.logits, out.loss, [type(layer.attn).__name__ for layer in model.model.layers]
+
+
+@pytest.mark.timeout(300)
+def test_fla_hybrid_checkpoint_loads_and_matches(tmp_path):
+    """A checkpoint of FLA's own hybrid model (attention layers from `attn`) loads unchanged through the
+    Auto class, and computes what FLA's model does, without CP and with cp_size=2."""
+    from _interpret import interpret_env
+    from transformers import AutoModelForCausalLM
+    path = str(tmp_path / "fla_hybrid")
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with interpret_env(always=True):
+        logits, loss, kinds = run_ranks(_fla_hybrid_worker, 1, args=(path, ids))[0]
+    assert kinds == ["GatedDeltaNet", "Attention", "Attention"], kinds
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert [type(layer.attn).__name__ for layer in model.model.layers] == ["GatedDeltaNetCP", "AttentionCP", "AttentionCP"]
+    assert model.model.layers[2].attn.window_size == 5 and model.model.layers[2].attn.num_kv_heads == 1
+    check_matches_fla(model, dict(ids=ids, logits=logits, loss=loss), "hybrid, one process")
+    ref = dict(ids=ids, logits=logits, loss=loss)
+    for rank, (name, cp_size, _, got_loss, got_logits) in enumerate(
+            run_ranks(_worker_auto_cp2, 2, args=(path, ids))):
+        assert name == "GatedDeltaNetCPForCausalLM" and cp_size == 2
+        assert rel_err(got_loss, ref["loss"]) <= TOL, f"rank {rank}: loss {got_loss} vs {ref['loss']}"
+        assert rel_err(got_logits, ref["logits"]) <= TOL, f"rank {rank}: logits {rel_err(got_logits, ref['logits'])}"
