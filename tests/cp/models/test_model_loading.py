@@ -263,7 +263,8 @@ def test_fla_hybrid_checkpoint_loads_and_matches(tmp_path):
         logits, loss, kinds = run_ranks(_fla_hybrid_worker, 1, args=(path, ids))[0]
     assert kinds == ["GatedDeltaNet", "Attention", "Attention"], kinds
     model = AutoModelForCausalLM.from_pretrained(path)
-    assert [type(layer.attn).__name__ for layer in model.model.layers] == ["GatedDeltaNetCP", "AttentionCP", "AttentionCP"]
+    kinds = [type(layer.attn).__name__ for layer in model.model.layers]
+    assert kinds == ["GatedDeltaNetCP", "AttentionCP", "AttentionCP"], kinds
     assert model.model.layers[2].attn.window_size == 5 and model.model.layers[2].attn.num_kv_heads == 1
     check_matches_fla(model, dict(ids=ids, logits=logits, loss=loss), "hybrid, one process")
     ref = dict(ids=ids, logits=logits, loss=loss)
