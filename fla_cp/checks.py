@@ -339,7 +339,8 @@ def layer_fields(hidden, cp, attention_mask, use_cache, sizes: list[int], conten
         # (a rank-local mask [B, T_loc] may differ in length between ranks: this rank's own, for its signature)
         "attention_mask shape on this rank": [checksum([len(mask_shape), *mask_shape])] if not content else [0],
         # 16 slots: one size list per kind of layer (GDN 6, attention 5, ...); beyond that a checksum
-        "layer sizes": (list(sizes) + [0] * 16)[:16] if len(sizes) <= 16 else [*sizes[:15], checksum(sizes[15:])],
+        "layer sizes (per kind of layer, then the kinds' order)":
+            (list(sizes) + [0] * 16)[:16] if len(sizes) <= 16 else [*sizes[:15], checksum(sizes[15:])],
         "cp_context (world size, layout, cu_seqlens, packed)": split,
     }
 

@@ -141,6 +141,8 @@ class AttentionCP(Attention):
     ):
         cp = cp_context
         last_state = get_layer_cache(module=self, past_key_values=past_key_values)
+        if last_state is None and past_key_values is not None:
+            last_state = {}     # a cache still empty for this layer: written below, and RoPE takes FLA's offset
         if cp is not None:
             # before the first collective (the op's K/V exchange): bad or mismatched input must raise, not hang
             self.check_cp_call(hidden_states, cp, attention_mask, use_cache, last_state, verify_agreement,
@@ -289,9 +291,11 @@ class AttentionCP(Attention):
             local = torch.is_tensor(attention_mask) and attention_mask.dim() == 2 \
                 and attention_mask.shape[1] < cp.total_len
             if local and last_state is not None:
-                return (f"attention_mask: with a cache pass the global mask ([{B}, {cp.total_len}] or "
-                        f"[{B}, past + {cp.total_len}]), not this rank's shard: RoPE positions count each "
-                        f"row's pads (FLA's offset)")
+                # (an empty cache too: it is filled with K/V rotated at positions shifted by the row's pads)
+                return (f"attention_mask: with a cache (past_key_values, or use_cache=True, which eval mode "
+                        f"defaults to) pass the global mask ([{B}, {cp.total_len}] or [{B}, past + "
+                        f"{cp.total_len}]), not this rank's shard: RoPE positions then count each row's pads "
+                        f"(FLA's offset); or pass use_cache=False without a cache")
             return self._mask_error(attention_mask, B, (cp.total_len, T), hidden_states.device, mask_content, local,
                                     longer=last_state is not None)
         return None

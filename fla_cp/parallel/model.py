@@ -169,6 +169,16 @@ class CPModelMixin:
             found = self.__dict__["_cp_layer_kinds"] = list(kinds.values())
         return found
 
+    def _cp_layer_order(self) -> int:
+        """A checksum of which kind (`_cp_layers`' index) each CP layer is, in module order."""
+        found = self.__dict__.get("_cp_layer_order_code")
+        if found is None:
+            kinds = [(type(m), tuple(m.cp_sizes())) for m in self._cp_layers()]
+            order = [kinds.index((type(m), tuple(m.cp_sizes()))) for m in self.modules()
+                     if m is not self and hasattr(m, "cp_sizes") and hasattr(m, "_cp_input_error")]
+            found = self.__dict__["_cp_layer_order_code"] = checks.checksum([len(order), *order])
+        return found
+
     # ------------------------------------------------------------------ the forward's entry
     def cp_enter(self, input_ids, inputs_embeds, *, attention_mask=None, cu_seqlens=None, past_key_values=None,
                  use_cache=False, inputs_are_sharded=False, cp_context=None, loss_args=None):
@@ -268,7 +278,9 @@ class CPModelMixin:
             num_layers=len(getattr(self, "layers", ())), vocab=embeddings.num_embeddings,
             recomputes=bool(getattr(self, "gradient_checkpointing", False) and self.training), content=content)
         layers = self._cp_layers()
-        sizes = [n for layer in layers for n in layer.cp_sizes()]
+        # every kind's sizes, then which kind each layer is, in order: ranks whose hybrids place attention
+        # on different layers would pair one layer's K/V gather with another's state exchange
+        sizes = [n for layer in layers for n in layer.cp_sizes()] + [self._cp_layer_order()]
         fields.update(checks.layer_fields(hidden, cp, attention_mask, use_cache, sizes, content=content))
         error = None
         if loss_args is not None:
@@ -283,6 +295,8 @@ class CPModelMixin:
         from fla.layers.utils import get_layer_cache
         for layer in self._cp_layers():
             last_state = get_layer_cache(module=layer, past_key_values=past_key_values)
+            if last_state is None and past_key_values is not None:
+                last_state = {}     # a cache, still empty for this layer (it will be written)
             if cp is not None:
                 error = layer._cp_input_error(hidden_states, cp, attention_mask, last_state, mask_content)
             elif last_state is not None and torch.is_tensor(hidden_states):

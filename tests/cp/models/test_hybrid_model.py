@@ -144,6 +144,14 @@ def _errors(rank, model, state):
         other = make_model(state, cp_size=2,
                            attn=[ATTN[0], {**ATTN[1], "window_size": 4 if rank == 0 else 6}]).eval()
         errors["settings differ"] = expect_error(lambda: other(ids_of(1, 12)))
+        # the same attention sizes on different layers: layer 1 would gather K/V on one rank and exchange
+        # GDN states on the other
+        moved = make_model(cp_size=2, attn=[{**ATTN[0], "layers": [1 if rank == 0 else 2]}, ATTN[1]]).eval()
+        errors["layers differ"] = expect_error(lambda: moved(ids_of(1, 12)))
+        # a rank-local mask with a fresh cache (eval mode's default use_cache=True creates one)
+        errors["local mask, empty cache"] = expect_error(lambda: model(
+            ctx.shard(ids_of(1, 10), 1), inputs_are_sharded=True, cp_context=ctx, use_cache=True,
+            attention_mask=torch.ones(1, ctx.local_len, dtype=torch.long)))
     return errors
 
 
@@ -219,4 +227,6 @@ def test_hybrid_cp_matches_one_process(reference, world_size):
             assert "packed input (cu_seqlens) cannot continue" in errors["packed continuation"], errors
             assert "rank" in errors["packed continuation"]
             assert "pass the global mask" in errors["local mask"], errors
-            assert "layer sizes differs between ranks" in errors["settings differ"], errors
+            assert "layer sizes (per kind of layer, then the kinds' order) differs" in errors["settings differ"], errors
+            assert "layer sizes (per kind of layer, then the kinds' order) differs" in errors["layers differ"], errors
+            assert "pass the global mask" in errors["local mask, empty cache"], errors
