@@ -359,6 +359,20 @@ def model_fields(*, cache_len: int, new_tokens: int, inputs_field: list, records
             "gradient checkpointing (recomputes collectives in backward)": [recomputes]}
 
 
+def layer_input_error(hidden_states, hidden_size: int, cp) -> str | None:
+    """A CP layer's input `[B, T_loc, D]` on this rank: its shape, dtype and split (`cp.input_error`), or
+    None. Nothing communicates (the layers' `_cp_input_error` start with it)."""
+    if not torch.is_tensor(hidden_states) or hidden_states.dim() != 3:
+        got = tuple(hidden_states.shape) if torch.is_tensor(hidden_states) else type(hidden_states).__name__
+        return f"hidden_states must be [B, T_loc, D], got {got}"
+    B, T, D = hidden_states.shape
+    if D != hidden_size:
+        return f"hidden_states has D={D} but the layer's hidden_size is {hidden_size}"
+    if not hidden_states.is_floating_point():
+        return f"hidden_states must be floating, got {hidden_states.dtype}"
+    return cp.input_error(B, T, "hidden_states")
+
+
 def padding_mask_error(attention_mask) -> str | None:
     """Why a `[B, T]` mask is not a padding mask (only 0/1; each row's ones one contiguous run), or
     None. One host sync (more only to word an error)."""

@@ -170,15 +170,10 @@ class GatedDeltaNetCP(GatedDeltaNet):
     def _cp_input_error(self, hidden_states, cp, attention_mask, last_state, mask_content: bool = True) -> str | None:
         """This rank's problem with a CP call, or None. Nothing here communicates; `mask_content` checks the
         padding mask for holes (one host sync)."""
-        if not torch.is_tensor(hidden_states) or hidden_states.dim() != 3:
-            got = tuple(hidden_states.shape) if torch.is_tensor(hidden_states) else type(hidden_states).__name__
-            return f"hidden_states must be [B, T_loc, D], got {got}"
-        B, T, D = hidden_states.shape
-        if D != self.hidden_size:
-            return f"hidden_states has D={D} but the layer's hidden_size is {self.hidden_size}"
-        error = cp.input_error(B, T, "hidden_states")
+        error = checks.layer_input_error(hidden_states, self.hidden_size, cp)
         if error:
             return error
+        B, T, _ = hidden_states.shape
         if last_state is not None:
             error = self._cache_error(last_state, cp.num_seqs if cp.packed else B, cp.packed)
             if error:
