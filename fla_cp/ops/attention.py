@@ -13,7 +13,10 @@ that saves only this rank's q/k/v and recomputes in backward:
 - sliding window `W`: each part needs only the `W - 1` keys/values before it (only its first segment
   can continue a document from an earlier part): the conv halo's mechanism (`gathered_part_tails`,
   `halo_rows` in `fla_cp/ops/halo.py`), so communication is O(W), not O(T). Backward
-  re-gathers the tails and reduce-scatters their gradient to their owners.
+  re-gathers the tails and reduce-scatters their gradient to their owners. The halo gather hands every
+  rank every part's tail (`P * n_parts * (W - 1)` rows); when that is at least the stream's `T` rows
+  (windows wider than the parts) the K/V of all ranks are gathered instead, as for full attention
+  (`_gathers_all`): a window never moves more than full attention.
 
 K, V and the key padding mask travel as one `[B, T_loc, Hkv*D + Hkv*Dv (+1)]` payload (the mask as a
 0/1 column in K's dtype: exact), so every exchange is one collective.
@@ -58,23 +61,24 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 class _PartPlan:
     """One local part: its query rows, and the keys it attends to.
 
-    full (no window): keys are global rows `[k0, k1)` of the gathered payload.
-    window: keys are `halo` rows of the gathered tails (or none) followed by the part's own rows.
+    full (the K/V of all ranks gathered): keys are global rows `[k0, k1)` of the gathered payload.
+    halo (a window): keys are `halo` rows of the gathered tails (or none) followed by the part's own rows.
     Both preceded by the `past` cached keys of a continuation (dense: every row's own), if any.
-    `allowed` `[n, m]` bool: causal / document / window structure from global positions (no padding);
     `qpos`/`kpos` (global positions; a cached key at -past..-1) and `qdoc`/`kdoc` (document ids; -1: a
-    halo row outside the stream) are the same structure on the host, for kernels that take lengths."""
+    halo row outside the stream) give the structure: on the host for kernels that take lengths (flash),
+    and on the device (`device_ids`) for the boolean mask the others take, built per call
+    (`_part_mask`): kept between steps it would cost O(T_loc x T) memory per context."""
     full: bool
     q0: int
     n: int
     k0: int
     k1: int
     halo: torch.Tensor | None
-    allowed: torch.Tensor
     qpos: torch.Tensor
     kpos: torch.Tensor
     qdoc: torch.Tensor
     kdoc: torch.Tensor
+    device_ids: tuple
     flash: object = None        # attention_kernels.FlashLayout, built on first use
 
 
@@ -95,12 +99,12 @@ def _docs(cu: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return torch.where((pos < 0) | (pos >= cu[-1]), torch.full_like(doc, -1), doc)
 
 
-def _plan(cp: CPContext, causal: bool, window: int | None, halo_len: int, past: int, device,
-          kernel: str = "torch") -> list[_PartPlan]:
-    """Per local part, built once per context and settings (`CPContext.memo`). `past`: cached keys before
-    the call (dense only: they continue every row's one document, at positions -past..-1). The flash
-    kernel takes lengths, not the `[n, m]` boolean mask: `allowed` is not built for it (it would be
-    O(T_loc x T) per full-attention part)."""
+def _plan(cp: CPContext, causal: bool, window: int | None, halo_len: int, past: int, device) -> list[_PartPlan]:
+    """Per local part, built once per context and settings (`CPContext.memo`): index vectors, O(n + m).
+    `halo_len` 0 with a window: the K/V of all ranks are gathered (`_gathers_all`). `past`: cached keys
+    before the call (dense only: they continue every row's one document, at positions -past..-1)."""
+    full = _gathers_all(cp, window)
+
     def build():
         cu = cp.cu_seqlens
         rows = halo_rows(cp, halo_len, True, False) if halo_len else None
@@ -109,8 +113,10 @@ def _plan(cp: CPContext, causal: bool, window: int | None, halo_len: int, past: 
             p = cp.parts[j]
             n = p.end - p.start
             qpos = torch.arange(p.start, p.end)
-            if window is None:
+            if full:
                 k0 = int(cu[p.first_seq])
+                if window is not None:          # (causal) only the window's keys
+                    k0 = max(k0, p.start - window + 1)
                 k1 = p.end if causal else int(cu[p.last_seq + 1])
                 kpos, halo = torch.arange(k0, k1), None
             else:
@@ -124,11 +130,16 @@ def _plan(cp: CPContext, causal: bool, window: int | None, halo_len: int, past: 
             if past:
                 kpos = torch.cat([torch.arange(-past, 0), kpos])
                 kdoc = torch.cat([torch.zeros(past, dtype=kdoc.dtype), kdoc])
-            allowed = _allowed(qpos, kpos, qdoc, kdoc, causal, window).to(device) if kernel != "flash" else None
-            plans.append(_PartPlan(window is None, q0, n, k0, k1, halo, allowed, qpos, kpos, qdoc, kdoc))
+            device_ids = tuple(x.to(device) for x in (qpos, kpos, qdoc, kdoc))
+            plans.append(_PartPlan(full, q0, n, k0, k1, halo, qpos, kpos, qdoc, kdoc, device_ids))
             q0 += n
         return plans
-    return cp.memo(("attention_plan", causal, window, halo_len, past, str(device), kernel == "flash"), build)
+    return cp.memo(("attention_plan", causal, window, halo_len, past, str(device)), build)
+
+
+def _part_mask(pp: _PartPlan, causal: bool, window) -> torch.Tensor:
+    """The part's `[n, m]` boolean structure on its device, built per call from the memoised index vectors."""
+    return _allowed(*pp.device_ids, causal, window)
 
 
 # ---------------------------------------------------------------------------- compute
@@ -173,13 +184,14 @@ def _run_parts(q, kv, plans, src, past, mask_col, Hkv, D, Dv, scale, cdt, kernel
         key_valid = keys[..., -1] > 0.5 if mask_col else None
         query_valid = kv[:, pp.q0:pp.q0 + pp.n, -1] > 0.5 if mask_col else None
         if kernel == "torch":
-            outs.append(_attend(qp, keys, pp.allowed, key_valid, query_valid, Hkv, D, Dv, scale, cdt))
+            outs.append(_attend(qp, keys, _part_mask(pp, causal, window), key_valid, query_valid, Hkv, D, Dv,
+                                scale, cdt))
             continue
         B, m = keys.shape[:2]
         k = keys[..., :Hkv * D].reshape(B, m, Hkv, D)
         v = keys[..., Hkv * D:Hkv * (D + Dv)].reshape(B, m, Hkv, Dv)
         if kernel == "sdpa":
-            outs.append(attend_sdpa(qp, k, v, pp.allowed, key_valid, query_valid, scale))
+            outs.append(attend_sdpa(qp, k, v, _part_mask(pp, causal, window), key_valid, query_valid, scale))
         else:
             if pp.flash is None:       # the host index work, once per plan
                 pp.flash = flash_layout(pp.qpos, pp.kpos, pp.qdoc, pp.kdoc, causal, window)
@@ -239,7 +251,7 @@ class AttentionCPFunction(torch.autograd.Function):
         mask_col = key_mask is not None or past_mask is not None
         kv, past = _payloads(k, v, key_mask, k_past, v_past, past_mask, mask_col)
         halo_len = _halo_len(cp, window)
-        plans = _plan(cp, causal, window, halo_len, _past_len(k_past), q.device, kernel)
+        plans = _plan(cp, causal, window, halo_len, _past_len(k_past), q.device)
         src = _exchange(kv, cp, window, halo_len)
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         o = _run_parts(q, kv, plans, src, past, mask_col, Hkv, D, Dv, scale, cdt, kernel, causal, window)
@@ -255,7 +267,7 @@ class AttentionCPFunction(torch.autograd.Function):
         cp, window = ctx.cp, ctx.window
         T, D, Hkv, Dv = q.shape[1], q.shape[3], v.shape[2], v.shape[3]
         halo_len = _halo_len(cp, window)
-        plans = _plan(cp, ctx.causal, window, halo_len, _past_len(k_past), q.device, ctx.kernel)
+        plans = _plan(cp, ctx.causal, window, halo_len, _past_len(k_past), q.device)
         mask_col = key_mask is not None or past_mask is not None
         kv, past = _payloads(k, v, key_mask, k_past, v_past, past_mask, mask_col)
         src = _exchange(kv, cp, window, halo_len)
@@ -275,15 +287,16 @@ class AttentionCPFunction(torch.autograd.Function):
         d_past = grads.pop() if past_ is not None else None
         dq, dkv = grads[0], grads[1]
         dkv = torch.zeros_like(kv_, dtype=cdt) if dkv is None else dkv
-        if src is not None and grads[2] is not None:
-            if window is None:
-                dkv = dkv + _scatter_all(grads[2], cp)
-            else:
-                dkv = dkv + _scatter_halo(grads[2], cp, halo_len, T)
-        elif src is not None:
+        if src is not None:
             # every rank must join the reduce-scatter, whether or not its keys were read
-            zeros = torch.zeros_like(src, dtype=cdt)
-            dkv = dkv + (_scatter_all(zeros, cp) if window is None else _scatter_halo(zeros, cp, halo_len, T))
+            d_src = grads[2] if grads[2] is not None else torch.zeros_like(src, dtype=cdt)
+            full = _gathers_all(cp, window)
+            if full and cp.world_size > 1:
+                dkv = dkv + _scatter_all(d_src, cp)
+            elif full:                          # one rank: the "gathered" payload is the local one
+                dkv = dkv + d_src
+            else:
+                dkv = dkv + _scatter_halo(d_src, cp, halo_len, T)
         dk = dkv[..., :Hkv * D].reshape(k.shape).to(k.dtype)
         dv = dkv[..., Hkv * D:Hkv * (D + Dv)].reshape(v.shape).to(v.dtype)
         dk_past = dv_past = None
@@ -316,16 +329,32 @@ def _past_len(k_past) -> int:
     return 0 if k_past is None else k_past.shape[1]
 
 
-def _halo_len(cp: CPContext, window) -> int:
-    """Keys a windowed part needs from before it (0: none, no exchange)."""
+def _needed_halo(cp: CPContext, window) -> int:
+    """Keys a windowed part needs from before it (0: none)."""
     if window is None or not any(p.from_prev for p in cp.parts):
         return 0
     return min(window - 1, cp.total_len - 1)
 
 
-def _exchange(kv, cp: CPContext, window, halo_len):
-    """The forward's (and backward's re-run) one collective: all K/V (full) or the halo (window)."""
+def _gathers_all(cp: CPContext, window) -> bool:
+    """Whether the call all-gathers every rank's K/V: full attention, or a window whose halo exchange
+    would move at least as much (every rank receives every part's `W - 1` tails: `P * n_parts * (W - 1)`
+    rows, vs the `T` rows of the whole stream)."""
     if window is None:
+        return True
+    halo = _needed_halo(cp, window)
+    return halo > 0 and cp.world_size * len(cp.local_parts) * halo >= cp.total_len
+
+
+def _halo_len(cp: CPContext, window) -> int:
+    """Rows of the halo exchange (0: none, or the K/V of all ranks are gathered instead)."""
+    return 0 if _gathers_all(cp, window) else _needed_halo(cp, window)
+
+
+def _exchange(kv, cp: CPContext, window, halo_len):
+    """The forward's (and backward's re-run) one collective: all K/V (full attention, or a window
+    wider than the parts) or the halo (window)."""
+    if _gathers_all(cp, window):
         # one rank: the local payload is the whole stream (global rows == local rows)
         return _gather_all(kv, cp) if cp.world_size > 1 else kv
     return _gather_halo(kv, cp, halo_len) if halo_len else None

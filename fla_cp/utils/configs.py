@@ -1,4 +1,5 @@
-"""Model presets for the scripts: `--model_config tiny|small|base|<path>`.
+"""Model presets for the scripts: `--model_config <preset>|<path>` (`PRESETS`: tiny, small, base, and the
+hybrids hybrid-tiny, hybrid-small, hybrid-base, hybrid-small-swa).
 
 A preset is a dict of GatedDeltaNetConfig fields; `<path>` is a JSON file of such fields or a
 directory with a `config.json` (e.g. a checkpoint). FLA's fused Triton norm / SwiGLU / cross-entropy
@@ -8,6 +9,7 @@ from the file. `resolved_model_config` is the full config a spec stands for, to 
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -23,6 +25,38 @@ PRESETS: dict[str, dict] = {
              "hidden_ratio": 4},
 }
 
+
+def _hybrid(gdn: str, attn, num_hidden_layers: int | None = None) -> dict:
+    """The GDN preset `gdn` with softmax-attention layers (`attn`, FLA's format: one spec or a list)."""
+    fields = dict(PRESETS[gdn], attn=attn)
+    if num_hidden_layers is not None:
+        fields["num_hidden_layers"] = num_hidden_layers
+    return fields
+
+
+def _every_fourth(num_layers: int) -> list[int]:
+    """Layers 3, 7, ...: one softmax-attention layer in four (3:1 GDN:attention, as Qwen3.5 / Qwen3-Next)."""
+    return [i for i in range(num_layers) if i % 4 == 3]
+
+
+# Hybrids (GDN + softmax attention): the widths of the GDN preset of the same name, one attention layer in
+# four. tiny and small have 2 layers, too few for 3:1: their hybrids have 4 (layer 3 is attention), base
+# keeps its 8 (layers 3 and 7). Attention is GQA with head_dim = hidden_size / num_heads (FLA's Attention
+# derives it so): tiny 2 q heads : 1 kv head x 32, small 4 : 2 x 64, base 8 : 2 x 128. `-swa`: half the
+# attention layers use a sliding window of 512 tokens (layer 3 windowed, layer 7 full).
+PRESETS.update({
+    "hybrid-tiny": _hybrid("tiny", {"layers": _every_fourth(4), "num_heads": 2, "num_kv_heads": 1}, 4),
+    "hybrid-small": _hybrid("small", {"layers": _every_fourth(4), "num_heads": 4, "num_kv_heads": 2}, 4),
+    "hybrid-base": _hybrid("base", {"layers": _every_fourth(8), "num_heads": 8, "num_kv_heads": 2}),
+    "hybrid-small-swa": _hybrid("small", [{"layers": [3], "num_heads": 4, "num_kv_heads": 2, "window_size": 512},
+                                          {"layers": [7], "num_heads": 4, "num_kv_heads": 2}], 8),
+})
+
+
+def preset_help() -> str:
+    """The preset names for a `--model_config` help string."""
+    return "|".join(PRESETS)
+
 # The scripts pass these to the config themselves (--cp_size, --cp_layout): a checkpoint's config.json
 # holds cp_layout, and a second value for it would be a TypeError, or would silently override the flag.
 LAUNCH_FIELDS = ("cp_size", "cp_layout")
@@ -37,7 +71,7 @@ CPU_SAFE = {"fuse_norm": False, "fuse_swiglu": False, "fuse_cross_entropy": Fals
 def model_config_kwargs(spec: str, vocab_size: int, **overrides) -> dict:
     """GatedDeltaNetCPConfig keyword arguments for a preset name or a JSON / config directory path."""
     if spec in PRESETS:
-        fields = dict(PRESETS[spec])
+        fields = copy.deepcopy(PRESETS[spec])      # a hybrid's `attn` is a dict / list: not shared
     else:
         path = Path(spec)
         if path.is_dir():

@@ -3,6 +3,7 @@
     python tests/cp/benchmark_memory.py --cp_size 1                       # saves the baseline
     torchrun --nproc_per_node=4 tests/cp/benchmark_memory.py --cp_size 4  # compares against it
     python tests/cp/benchmark_memory.py --plot memory.png                  # plot the latest run and its peers
+    torchrun --nproc_per_node=2 tests/cp/benchmark_memory.py --model_config hybrid-small   # GDN + attention
 
 Every measurement runs in a fresh process per rank (spawned by each launcher rank), so that
   * on GPU, Peak is torch.cuda.max_memory_allocated of that step;
@@ -15,6 +16,19 @@ the latest one. An out-of-memory step is reported in Status, not a crash (exit 0
 A measurement that failed (the step raised, its process died or timed out) exits 1, and the run is
 neither saved nor plotted: the results file keeps the last good run. Results:
 <results_dir>/memory_<dev>_cp<P>.json (memory_<dev>_cp<P>_zigzag.json for --cp_layout zigzag).
+
+Hybrid models (a config with softmax-attention layers, e.g. --model_config hybrid-small) get a second
+table that splits Activations by the decoder layer that saved them first (module hooks on the blocks
+inside the same saved-tensor hooks): the attention layers', the GDN layers' (norms and MLP included:
+the whole block), and the rest (embedding, final norm, head and loss). Two more figures, per rank:
+  * K/V gather: computed, not measured. A full-attention layer all-gathers K and V, B*T*Hkv*(D+Dv)
+    elements in the projections' dtype, and frees them before the next layer (it re-gathers in
+    backward, where the gathered payload's fp32 gradient and the reduce-scatter's send buffer, each
+    B*T*Hkv*(D+Dv) fp32, exist at the same time); a windowed layer gathers (P*parts*(W-1)+1) rows. The
+    largest layer's forward figure is shown; none of it is in Activations (never saved).
+  * CP cache: measured, the bytes of the tensors the CP context memoises (index tables, attention masks
+    of the split) and keeps with the model across steps of the same length (not in Activations:
+    autograd does not save them).
 """
 from __future__ import annotations
 
@@ -35,13 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # run from a chec
 import torch
 import torch.distributed as dist
 
+from fla_cp.utils.configs import model_config_kwargs, preset_help, resolved_model_config
 from fla_cp.utils.dist import (
     broadcast_object,
     cleanup_distributed,
     free_port,
     init_distributed,
 )
-from fla_cp.utils.configs import model_config_kwargs, resolved_model_config
 from fla_cp.utils.memory import fmt_bytes
 
 DEFAULT_SEQ_LENS = "1024,2048,4096,8192,16384"
@@ -66,7 +80,7 @@ def get_args(argv=None):
     p.add_argument("--seq_lens", type=seq_len_list, default=DEFAULT_SEQ_LENS,
                    help="comma-separated global sequence lengths")
     p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--model_config", default="small", help="tiny|small|base or a JSON file / config dir")
+    p.add_argument("--model_config", default="small", help=f"{preset_help()} or a JSON file / config dir")
     p.add_argument("--vocab_size", type=int, default=257, help="257 = the byte tokenizer of train_cp_real.py")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
     p.add_argument("--results_dir", default="runs/benchmark_memory")
@@ -103,6 +117,54 @@ def warmup_len(seq_len: int, cp_size: int) -> int:
     return min(seq_len, cp_size * max(2, local_len // WARMUP_DIV))
 
 
+def layer_kinds(model) -> list[str]:
+    """"attn" or "gdn" per decoder layer, in order."""
+    from fla_cp.layers import AttentionCP
+    return ["attn" if isinstance(block.attn, AttentionCP) else "gdn" for block in model.model.layers]
+
+
+def kv_gather_bytes(model, batch_size: int, seq_len: int, cp_size: int, layout: str, elem_bytes: int) -> int:
+    """The largest K/V all-gather of one attention layer's forward, per rank (computed from the sizes, see
+    the module docstring): 0 without CP or without attention layers."""
+    from fla_cp.layers import AttentionCP
+    if cp_size == 1:
+        return 0
+    parts = 2 if layout == "zigzag" else 1
+    sizes = [0]
+    for block in model.model.layers:
+        a = block.attn
+        if isinstance(a, AttentionCP):
+            width = a.num_kv_heads * 2 * a.head_dim             # K and V side by side (D == Dv)
+            rows = seq_len if a.window_size is None else cp_size * parts * min(a.window_size - 1, seq_len - 1) + 1
+            sizes.append(batch_size * rows * width * elem_bytes)
+    return max(sizes)
+
+
+def cp_cache_bytes(model) -> int:
+    """Bytes of the tensors the CP contexts the model keeps (its split memo) hold in their own memo:
+    index tables and attention masks kept across steps (each storage once)."""
+    import dataclasses
+    seen: dict = {}
+
+    def visit(x):
+        if torch.is_tensor(x):
+            s = x.untyped_storage()
+            seen[(x.device, s.data_ptr())] = s.nbytes()
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                visit(v)
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            for f in dataclasses.fields(x):
+                visit(getattr(x, f.name))
+    for m in model.modules():
+        for ctx in m.__dict__.get("_cp_splits", {}).values():
+            visit(getattr(ctx, "_memo", {}))
+    return sum(seen.values())
+
+
 def measure(args) -> dict:
     import resource
 
@@ -124,6 +186,36 @@ def measure(args) -> dict:
         peak_memory_bytes,
         reset_peak_memory,
     )
+
+    class SavedByLayer(SavedActivations):
+        """SavedActivations that also books each storage to the decoder layer whose forward saved it first
+        (-1: outside the layers). Forward pre-/post-hooks on the blocks say which layer is running."""
+
+        def __init__(self, blocks, exclude=()):
+            super().__init__(exclude)
+            self.layer, self.owner = -1, {}
+            self._handles = []
+            for i, block in enumerate(blocks):
+                self._handles.append(block.register_forward_pre_hook(lambda m, a, i=i: setattr(self, "layer", i)))
+                self._handles.append(block.register_forward_hook(lambda m, a, o: setattr(self, "layer", -1)))
+
+        def _pack(self, t):
+            key = self._key(t)
+            if key not in self._excluded and key not in self._seen:
+                self.owner[key] = self.layer
+            return super()._pack(t)
+
+        def by_layer(self, n: int) -> list[int]:
+            """Bytes per layer 0..n-1, then the bytes saved outside the layers."""
+            out = [0] * (n + 1)
+            for key, nbytes in self._seen.items():
+                out[self.owner[key]] += nbytes          # -1: the last slot
+            return out
+
+        def __exit__(self, *exc):
+            for h in self._handles:
+                h.remove()
+            return super().__exit__(*exc)
 
     info = init_distributed(timeout_s=min(args.timeout, 600))
     result = {"rank": info.rank, "status": "OK"}
@@ -154,16 +246,26 @@ def measure(args) -> dict:
             torch.cuda.empty_cache()
         reset_peak_memory(info.device)
         baseline = torch.cuda.memory_allocated(info.device) if info.device.type == "cuda" else current_rss_bytes()
-        saved = SavedActivations(exclude=params)
+        kinds = layer_kinds(model)
+        saved = SavedByLayer(model.model.layers, exclude=params)
         t0 = time.perf_counter()
         step(args._seq_len, saved)
         if info.device.type == "cuda":
             torch.cuda.synchronize()
+        per_layer = saved.by_layer(len(kinds))
         result.update(
             peak_bytes=peak_memory_bytes(info.device),
             step_peak_bytes=peak_memory_bytes(info.device) - baseline,
             saved_bytes=saved.bytes,
             step_time_s=time.perf_counter() - t0,
+            layer_kinds=kinds,
+            saved_bytes_by_layer=per_layer[:-1],
+            saved_attn_bytes=sum(b for b, k in zip(per_layer, kinds) if k == "attn"),
+            saved_gdn_bytes=sum(b for b, k in zip(per_layer, kinds) if k == "gdn"),
+            saved_other_bytes=per_layer[-1],
+            kv_gather_bytes=kv_gather_bytes(model, args.batch_size, args._seq_len, args.cp_size, args.cp_layout,
+                                            2 if args.dtype == "bf16" else 4),
+            cp_cache_bytes=cp_cache_bytes(model),
         )
     except BaseException as e:  # noqa: BLE001 - a failed measurement is a row of the table
         result["status"] = "OOM" if is_oom(e) else f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
@@ -208,15 +310,23 @@ def run_child(args, seq_len: int, port: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 # the table, the JSON, the plot
 # ----------------------------------------------------------------------------------------------
+# the hybrid table's figures (each the max over ranks, like the others)
+SPLIT_KEYS = ("saved_attn_bytes", "saved_gdn_bytes", "saved_other_bytes", "kv_gather_bytes", "cp_cache_bytes")
+
+
 def combine(seq_len: int, cp_size: int, per_rank: list[dict]) -> dict:
     bad = [r["status"] for r in per_rank if r["status"] != "OK"]
     row = {"seq_len": seq_len, "local_len": -(-seq_len // cp_size),
            "status": next((s for s in bad if s.startswith("OOM")), bad[0] if bad else "OK")}
     row["params"] = next((r["params"] for r in per_rank if r.get("params") is not None), None)
     if not bad:
-        for key in ("model_bytes", "peak_bytes", "step_peak_bytes", "saved_bytes", "step_time_s"):
-            row[key + "_per_rank"] = [r[key] for r in per_rank]
-            row[key] = max(r[key] for r in per_rank)
+        for key in ("model_bytes", "peak_bytes", "step_peak_bytes", "saved_bytes", "step_time_s", *SPLIT_KEYS):
+            if all(key in r for r in per_rank):
+                row[key + "_per_rank"] = [r[key] for r in per_rank]
+                row[key] = max(r[key] for r in per_rank)
+        if "layer_kinds" in per_rank[0]:
+            row["layer_kinds"] = per_rank[0]["layer_kinds"]
+            row["saved_bytes_by_layer"] = [max(b) for b in zip(*(r["saved_bytes_by_layer"] for r in per_rank))]
     return row
 
 
@@ -305,8 +415,51 @@ def print_table(run: dict, baseline: dict | None, note: str | None = None) -> No
     if cpu:
         print("Peak = peak RSS of a fresh process (includes ~interpreter+libraries); Reduction 'peak' uses the RSS "
               "growth during the step; 'act' = bytes saved for backward (exact).")
+    print_split_table(run, base)
     if note:
         print(note)
+
+
+def _cell(n: int | None, total: int | None = None) -> str:
+    if n is None:
+        return "-"
+    return fmt_bytes(n) + (f" ({100 * n / total:.0f}%)" if total else "")
+
+
+def print_split_table(run: dict, base: dict) -> None:
+    """Hybrid models: Activations split by layer kind, the transient K/V gather and the CP cache (see the
+    module docstring); nothing for a model without attention layers or rows without the split."""
+    rows = [r for r in run["results"] if r["status"] == "OK" and "saved_attn_bytes" in r
+            and "attn" in r.get("layer_kinds", [])]
+    if not rows:
+        return
+    kinds = rows[0]["layer_kinds"]
+    n_attn, n_gdn = kinds.count("attn"), kinds.count("gdn")
+    P = run["cp_size"]
+    head = ["Seq Len", "Local Chunk", "Activations/rank", f"attn layers ({n_attn})", f"GDN layers ({n_gdn})",
+            "other", "per attn / GDN layer", "K/V gather (transient)", "CP cache", "vs 1 device / P"]
+    table = []
+    for r in rows:
+        total = r["saved_bytes"]
+        per = f"{fmt_bytes(r['saved_attn_bytes'] / max(n_attn, 1))} / {fmt_bytes(r['saved_gdn_bytes'] / max(n_gdn, 1))}"
+        b = base.get(r["seq_len"])
+        vs = f"{total / (b['saved_bytes'] / P):.3f}x" if b is not None and P != 1 else "-"
+        table.append([f"{r['seq_len']:,}", f"{r['local_len']:,}", fmt_bytes(total),
+                      _cell(r["saved_attn_bytes"], total), _cell(r["saved_gdn_bytes"], total),
+                      _cell(r["saved_other_bytes"], total), per,
+                      fmt_bytes(r["kv_gather_bytes"]) if P != 1 else "- (no CP)", fmt_bytes(r["cp_cache_bytes"]), vs])
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(head)]
+    print(f"\nActivations per rank by layer kind (hybrid: {n_attn} attention + {n_gdn} GDN layers), cp_size={P}")
+    print(" " + " | ".join(h.ljust(w) for h, w in zip(head, widths)))
+    print("+".join("-" * (w + 2) for w in widths))
+    for row in table:
+        print(" " + " | ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print("attn / GDN layers: bytes first saved inside those decoder layers (norms and MLP included); other: "
+          "embedding, final norm, head, loss. K/V gather: computed, the largest attention layer's gathered K/V "
+          "(forward; its backward holds it plus its fp32 gradient and the reduce-scatter buffer), freed before "
+          "the next layer, not in Activations. CP cache: measured, the split's memoised index tables and "
+          "attention masks kept with the model across steps. vs 1 device / P: Activations/rank over "
+          "(cp_size=1's / P).")
 
 
 def plot(results_dir, device_type: str, out: str, latest: dict | None = None) -> list[dict]:

@@ -3,6 +3,7 @@
     torchrun --nproc_per_node=2 tests/cp/train_cp_real.py --cp_size 2          # CP=2 on CPU (gloo)
     torchrun --nproc_per_node=4 tests/cp/train_cp_real.py --cp_size 2          # DP=2 x CP=2
     python tests/cp/train_cp_real.py --cp_size 1                                # one process
+    torchrun --nproc_per_node=2 tests/cp/train_cp_real.py --cp_size 2 --model_config hybrid-small  # GDN + attention
 
 World = DP x CP; every rank of a CP group feeds the same packed batch and the model shards it along
 the sequence. The default corpus is this interpreter's standard-library sources, the default
@@ -47,11 +48,10 @@ from fla_cp.utils.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from fla_cp.utils.configs import PRESETS, model_config_kwargs, resolved_model_config
+from fla_cp.utils.configs import model_config_kwargs, preset_help, resolved_model_config
 from fla_cp.utils.dist import cleanup_distributed, init_distributed
 from fla_cp.utils.memory import fmt_bytes, peak_memory_bytes
 from fla_cp.utils.metrics_log import MetricsLog
-
 
 # The arguments that define the run a checkpoint belongs to (besides the batch: `resume_conflicts`).
 # --cp_size / --cp_layout are not among them: CP is exact, so any split continues the same run.
@@ -92,7 +92,7 @@ def get_args(argv=None):
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--grad_clip", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument("--model_config", default="small", help=f"{'|'.join(PRESETS)} or a JSON file / config dir")
+    p.add_argument("--model_config", default="small", help=f"{preset_help()} or a JSON file / config dir")
     p.add_argument("--data", default=None,
                    help=f"a local file (.jsonl: a document per line; any other: one document) or a directory of "
                         f"{'/'.join(DATA_SUFFIXES)} files (default: Python stdlib sources)")

@@ -311,3 +311,108 @@ def test_scripts_run_from_a_checkout_and_check_their_options(tmp_path):
                 "unknown ['fp16'] (choose from bf16, fp32)", "T and P must be >= 1"]
     for (script, code, err), message in zip(results, expected):
         assert code == 2 and message in err, (script, code, err)
+
+
+# ----------------------------------------------------------------------------------------------
+# hybrid presets (fla_cp/utils/configs.py) and benchmark_memory.py's split by layer kind
+# ----------------------------------------------------------------------------------------------
+def test_hybrid_presets_are_3_to_1_with_integer_attention_head_dims():
+    """Every hybrid preset: the widths of its GDN preset, attention on layers 3, 7, ... (3:1), GQA with
+    hidden_size / num_heads an integer; one preset mixes windowed and full attention layers; the resolved
+    config (what a resume compares) holds attn and survives JSON."""
+    from fla_cp.utils.configs import (
+        PRESETS,
+        model_config_kwargs,
+        preset_help,
+        resolved_model_config,
+    )
+    hybrids = [name for name in PRESETS if name.startswith("hybrid-")]
+    assert {"hybrid-tiny", "hybrid-small", "hybrid-base"} <= set(hybrids) and preset_help() == "|".join(PRESETS)
+    windows = set()
+    for name in hybrids:
+        fields = model_config_kwargs(name, 257)
+        gdn = PRESETS[name.removeprefix("hybrid-").removesuffix("-swa")]
+        assert all(fields[k] == v for k, v in gdn.items() if k != "num_hidden_layers"), name
+        specs = fields["attn"] if isinstance(fields["attn"], list) else [fields["attn"]]
+        layers = sorted(i for spec in specs for i in spec["layers"])
+        assert layers == [i for i in range(fields["num_hidden_layers"]) if i % 4 == 3], (name, layers)
+        for spec in specs:
+            assert fields["hidden_size"] % spec["num_heads"] == 0 and spec["num_heads"] % spec["num_kv_heads"] == 0
+            assert spec["num_kv_heads"] < spec["num_heads"], name                   # GQA
+            windows.add(spec.get("window_size"))
+        resolved = resolved_model_config(name, 257)
+        assert resolved["attn"] and json.loads(json.dumps(resolved)) == resolved
+        fields["attn"] = None                      # model_config_kwargs hands out copies: PRESETS untouched
+        assert resolved_model_config(name, 257)["attn"]
+    assert None in windows and len(windows) > 1, windows             # full and windowed layers
+
+
+def test_benchmark_memory_splits_a_hybrids_activations_by_layer_kind(tmp_path, capsys):
+    """A hybrid run prints the second table (attention vs GDN layers, the K/V gather, the CP cache, and the
+    ratio to one device / P against the saved baseline); a GDN-only run does not. The K/V gather figure is
+    B*T*Hkv*(D+Dv)*bytes of the largest full-attention layer, the halo rows for a windowed one."""
+    from fla_cp.models import GatedDeltaNetCPConfig, GatedDeltaNetCPForCausalLM
+    hybrid = ["--model_config", "hybrid-tiny"]
+
+    def with_split(run, attn, gdn, other):
+        run["results"][0].update(layer_kinds=["gdn", "gdn", "gdn", "attn"], saved_attn_bytes=attn,
+                                 saved_gdn_bytes=gdn, saved_other_bytes=other, kv_gather_bytes=65536,
+                                 cp_cache_bytes=1024, saved_bytes=attn + gdn + other)
+        return run
+    save(with_split(fake_run(1, hybrid, 0), 2000, 6000, 2000), tmp_path)
+    run = with_split(fake_run(2, hybrid, 0), 1000, 3000, 1100)
+    bm.print_table(run, *bm.load_baseline(tmp_path, run))
+    out = capsys.readouterr().out
+    assert "attn layers (1) | GDN layers (3)" in out and "1000 B (20%)" in out and "1.020x" in out, out
+    assert "1.96x act, " in out, out
+    bm.print_table(fake_run(2, ["--model_config", "tiny"], 2000), None)
+    assert "by layer kind" not in capsys.readouterr().out
+
+    model = GatedDeltaNetCPForCausalLM(GatedDeltaNetCPConfig(**bm.model_config_kwargs("hybrid-tiny", 257)))
+    assert bm.layer_kinds(model) == ["gdn", "gdn", "gdn", "attn"]
+    # hybrid-tiny's attention: Hkv=1, head_dim 32: K and V are 64 values per token
+    assert bm.kv_gather_bytes(model, 2, 1024, 2, "contiguous", 4) == 2 * 1024 * 64 * 4
+    assert bm.kv_gather_bytes(model, 2, 1024, 1, "contiguous", 4) == 0
+    windowed = GatedDeltaNetCPForCausalLM(GatedDeltaNetCPConfig(**{
+        **bm.model_config_kwargs("hybrid-tiny", 257), "attn": {"layers": [3], "num_heads": 2, "num_kv_heads": 1,
+                                                              "window_size": 16}}))
+    assert bm.kv_gather_bytes(windowed, 1, 1024, 4, "zigzag", 2) == (4 * 2 * 15 + 1) * 64 * 2
+
+
+# ----------------------------------------------------------------------------------------------
+# scripts/bench_attention_comm.py
+# ----------------------------------------------------------------------------------------------
+def _bench_attention_comm():
+    spec = importlib.util.spec_from_file_location("bench_attention_comm", ROOT / "scripts" / "bench_attention_comm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_attention_comm_small_size_matches_the_formula():
+    """The script from the command line on one small size: full attention moves (P-1)/P x B*T*C elements
+    each way forward and twice that backward, a window (P-1) x (W-1) x B*C; exit 0."""
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_attention_comm.py"), "--P", "2", "--T",
+                          "256", "--W", "32"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "PASS: every measurement equals its formula" in res.stdout
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in res.stdout.splitlines() if line.startswith("| 2 |")]
+    # C = Hkv*(D+Dv) = 16: full 1/2 x 256 x 16 = 2048; window 32: 31 x 16 = 496
+    assert [(r[2], r[3], r[4]) for r in rows] == [("full", "2,048 / 2,048", "4,096 / 4,096"),
+                                                  ("window 32", "496 / 496", "992 / 992")], rows
+
+
+def test_bench_attention_comm_fails_when_a_measurement_disagrees(monkeypatch, capsys):
+    """A formula one element off, and bad options: exit 1 naming the case, exit 2 (usage)."""
+    bac = _bench_attention_comm()
+    expected = bac.expected
+    monkeypatch.setattr(bac, "expected", lambda P, T, W, *a: (expected(P, T, W, *a)[0] + (W is None),
+                                                               expected(P, T, W, *a)[1]))
+    assert bac.main(["--P", "2", "--T", "128", "--W", "16"]) == 1
+    err = capsys.readouterr().err
+    assert "P=2 T=128 full: forward moved 1,024 / 1,024 elements (sent / received), expected 1,025" in err, err
+    assert "W=16" not in err
+    for argv in (["--T", "1000", "--P", "3"], ["--P", "1"]):
+        with pytest.raises(SystemExit) as e:
+            bac.main(argv)
+        assert e.value.code == 2

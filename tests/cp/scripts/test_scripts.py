@@ -421,3 +421,21 @@ def test_resume_compares_what_model_tokenizer_and_data_stand_for(tmp_path):
     assert msg.startswith("--data:") and "1 documents, 260 bytes" in msg and "500 bytes" in msg, msg
     (msg,) = conflicts(tmp_path / "a" / "notes.txt", "small")
     assert msg.startswith("--model_config:") and "hidden_size: 64" in msg and "hidden_size: 256" in msg, msg
+
+
+# ----------------------------------------------------------------------------------------------
+# hybrid presets (GDN + softmax attention) in train_cp_real.py
+# ----------------------------------------------------------------------------------------------
+def test_train_cli_hybrid_tiny_cp2_trains_saves_and_resumes(tmp_path):
+    """--model_config hybrid-tiny (3 GDN layers + 1 attention layer) trains under CP=2 and resumes from its
+    checkpoint: the resume compares the resolved config, `attn` included."""
+    from _dist import run_ranks
+    args = ["--model_config", "hybrid-tiny", "--seq_len", "64", "--batch_size", "1", "--steps", "2", "--warmup", "1",
+            "--threads", "1", "--cp_size", "2", "--save_dir", str(tmp_path)]
+    ranks = run_ranks(_train_rank, 2, args=([args + ["--stop_at", "1"], args + ["--resume"]],), timeout=120)
+    assert [[code for code, _ in rank] for rank in ranks] == [[0, 0]] * 2, ranks[0]
+    assert "world 2 = dp 1 x cp 2" in ranks[0][0][1] and "resumed from" in ranks[0][1][1], ranks[0]
+    losses = _losses(tmp_path)
+    assert [s for s, _ in losses] == [1, 2] and all(0 < loss < 10 for _, loss in losses), losses
+    config = json.loads((tmp_path / "step_0000002" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4 and config["attn"]["layers"] == [3], config["attn"]
