@@ -216,8 +216,9 @@ SEEDS = [int(s) for s in torch.randint(0, 2**31 - 1, (2,))]   # fresh every sess
 
 
 @pytest.mark.timeout(300)
-# P = 4 spawns 4 ranks on CI's 2 cores: kept for the slow run (`pytest -m slow`), for the suite's time
-@pytest.mark.parametrize("world_size", [1, 2, 3, pytest.param(4, marks=pytest.mark.slow)])
+# P = 3 (odd) and 4 run in the slow run (`pytest -m slow`, CI's second step), for the default suite's time
+@pytest.mark.parametrize("world_size", [1, 2, pytest.param(3, marks=pytest.mark.slow),
+                                        pytest.param(4, marks=pytest.mark.slow)])
 def test_cp_layer_matches_fp64_reference(world_size):
     results = run_ranks(_worker, world_size, (CASES, SEEDS))
     got = results[0][0]

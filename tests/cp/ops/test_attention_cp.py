@@ -146,8 +146,9 @@ SEEDS = [int(s) for s in torch.randint(0, 2**31 - 1, (2,))]   # fresh every sess
 
 
 @pytest.mark.timeout(300)
-# P = 4 spawns 4 ranks on CI's 2 cores: kept for the slow run (`pytest -m slow`), for the suite's time
-@pytest.mark.parametrize("world_size", [1, 2, 3, pytest.param(4, marks=pytest.mark.slow)])
+# P = 3 (odd) and 4 run in the slow run (`pytest -m slow`, CI's second step), for the default suite's time
+@pytest.mark.parametrize("world_size", [1, 2, pytest.param(3, marks=pytest.mark.slow),
+                                        pytest.param(4, marks=pytest.mark.slow)])
 def test_matches_fp64_reference(world_size):
     got = run_ranks(_worker, world_size, (CASES, SEEDS))[0]
     for case, per_seed in zip(CASES, got):
@@ -215,7 +216,7 @@ def _saved_bytes_of_op(ctx, window=None) -> int:
     return _saved_bytes(lambda: attention_cp(*local, ctx, window_size=window))
 
 
-def _error_worker(rank, world_size):
+def _error_worker(rank, world_size, seeds):
     ctx = build_cp_context(None, seq_len=20)
     q, k, v = torch.randn(1, 10, 2, 4), torch.randn(1, 10, 2, 4), torch.randn(1, 10, 2, 4)
     messages = []
@@ -230,19 +231,116 @@ def _error_worker(rank, world_size):
             messages.append(str(e))
     # saved-tensor bytes of one call (same spawn: spawning costs more than the calls)
     mem_ctx = build_cp_context(None, seq_len=MEM_T, layout="zigzag")
-    return messages, [_saved_bytes_of_op(mem_ctx), _saved_bytes_of_op(mem_ctx, window=8)]
+    saved = [_saved_bytes_of_op(mem_ctx), _saved_bytes_of_op(mem_ctx, window=8)]
+    return messages, saved, _past_worker(rank, world_size, seeds)     # (test_past_key_value_matches_...)
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    """One spawn of 2 ranks for the error, memory and continuation checks (spawning costs more than they do)."""
+    return run_ranks(_error_worker, 2, (SEEDS,))      # (a spawned rank draws its own SEEDS at import)
 
 
 @pytest.mark.timeout(120)
-def test_errors_raise_on_every_rank_and_saved_tensors_are_local():
+def test_errors_raise_on_every_rank_and_saved_tensors_are_local(two_ranks):
     """Mismatched or bad input raises on every rank, naming the argument and the rank. Autograd keeps
     this rank's q, k, v only (1/P of one process's bytes), never the gathered K/V or the scores."""
-    per_rank = run_ranks(_error_worker, 2)
     single = _saved_bytes_of_op(None)
     assert single == 3 * MEM_T * 4 * 16 * 4, single
-    for messages, saved in per_rank:
+    for messages, saved, _ in two_ranks:
         window, shape, mask = messages
         assert window and "window_size" in window and "differs between ranks" in window
         assert shape and "rank 1" in shape and "k has shape" in shape
         assert mask and "rank 0" in mask and "attention_mask" in mask
         assert saved == [single // 2, single // 2], (saved, single)
+
+
+# ------------------------------------------------------------------ continuation: cached keys before the call
+PAST_CASES = [
+    dict(name="past_full_gqa_padded_past", B=2, T=20, Lp=7, H=4, Hkv=2, D=4, past_pad=3),
+    dict(name="past_window_zigzag", B=2, T=20, Lp=4, H=2, Hkv=1, D=4, W=5, layout="zigzag"),
+    dict(name="past_window_longer_than_past_sdpa", B=1, T=16, Lp=3, H=2, Hkv=2, D=4, W=8, kernel="sdpa"),
+    dict(name="past_window_flash_padded", B=2, T=20, Lp=5, H=2, Hkv=1, D=4, W=6, past_pad=2, kernel="flash"),
+]
+
+
+def past_inputs(case: dict, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    B, T, Lp, H, Hkv, D = (case[k] for k in ("B", "T", "Lp", "H", "Hkv", "D"))
+    q, k, v = torch.randn(B, T, H, D, generator=gen), torch.randn(B, T, Hkv, D, generator=gen), \
+        torch.randn(B, T, Hkv, D, generator=gen)
+    kp, vp = torch.randn(B, Lp, Hkv, D, generator=gen), torch.randn(B, Lp, Hkv, D, generator=gen)
+    past_mask = None
+    if case.get("past_pad"):
+        past_mask = torch.ones(B, Lp, dtype=torch.long)
+        past_mask[0, :case["past_pad"]] = 0                  # row 0 left-padded (its pads are in the cache)
+    w = torch.randn(B, T, H, D, generator=gen)
+    return q, k, v, kp, vp, past_mask, w
+
+
+def past_reference(case: dict, seed: int):
+    """fp64: the queries of the call over [cached keys; the call's keys] at positions -Lp..T-1."""
+    q, k, v, kp, vp, past_mask, w = past_inputs(case, seed)
+    leaves = [x.double().requires_grad_() for x in (q, k, v, kp, vp)]
+    q, k, v, kp, vp = leaves
+    B, T, H, D = q.shape
+    Lp, r = kp.shape[1], H // k.shape[2]
+    kk, vv = torch.cat([kp, k], 1).repeat_interleave(r, 2), torch.cat([vp, v], 1).repeat_interleave(r, 2)
+    qpos, kpos = torch.arange(T), torch.arange(-Lp, T)
+    allowed = kpos[None, :] <= qpos[:, None]
+    if case.get("W"):
+        allowed &= qpos[:, None] - kpos[None, :] < case["W"]
+    allowed = allowed.expand(B, T, T + Lp).clone()
+    if past_mask is not None:
+        allowed[:, :, :Lp] &= past_mask.bool()[:, None, :]
+    s = torch.einsum("bthd,bshd->bhts", q, kk) * D ** -0.5
+    o = torch.einsum("bhts,bshd->bthd", torch.softmax(s.masked_fill(~allowed[:, None], float("-inf")), -1), vv)
+    (o * w.double()).sum().backward()
+    return o.detach(), [x.grad for x in leaves]
+
+
+def run_past(case: dict, seed: int, ctx):
+    """CP forward + backward with cached keys; the call's gradients and the cached keys' partial ones summed."""
+    q, k, v, kp, vp, past_mask, w = past_inputs(case, seed)
+    leaves = [x.requires_grad_() for x in (q, k, v, kp, vp)]
+    o = attention_cp(*(ctx.shard(x) for x in leaves[:3]), ctx, window_size=case.get("W"),
+                     past_key_value=(leaves[3], leaves[4]), past_mask=past_mask, backend=case.get("kernel", "auto"))
+    (o * ctx.shard(w)).sum().backward()
+    grads = [x.grad.clone() for x in leaves]
+    if ctx.world_size > 1:
+        for g in grads:       # the call's: each rank its own rows; the cached keys': partial shares
+            dist.all_reduce(g)
+    return ctx.unshard(o.detach(), verify_agreement=False), grads
+
+
+def _past_worker(rank, world_size, seeds):
+    use_flash_stand_in()
+    return [[run_past(case, seed, build_cp_context(None, seq_len=case["T"], layout=case.get("layout", "contiguous")))
+             for seed in seeds] for case in PAST_CASES]
+
+
+@pytest.mark.timeout(120)
+def test_past_key_value_matches_fp64_reference(two_ranks):
+    """P = 2: a continuation's cached keys (replicated on every rank) are seen by every query within the
+    window, masked by `past_mask`; their gradient shares sum over ranks to one device's. (One process:
+    the layer's cache tests against FLA's own forward, tests/cp/layers/test_attention_layer.py.)"""
+    world_size, got = 2, two_ranks[0][2]
+    for case, per_seed in zip(PAST_CASES, got):
+        for seed, (o, grads) in zip(SEEDS, per_seed):
+            ro, rgrads = past_reference(case, seed)
+            for name, a, b in zip(("o", "dq", "dk", "dv", "dk_past", "dv_past"), [o, *grads], [ro, *rgrads]):
+                err = rel_err(a, b)
+                assert err <= TOL, f"P={world_size} {case['name']} seed={seed}: {name} rel err {err:.2e} > {TOL}"
+
+
+def test_past_key_value_errors():
+    q, k, v = torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2, 4)
+    kp, vp = torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4)
+    with pytest.raises(ValueError, match="packed"):
+        attention_cp(q, k, v, cu_seqlens=torch.tensor([0, 3, 8]), past_key_value=(kp, vp))
+    with pytest.raises(ValueError, match="past_key_value must be k_past"):
+        attention_cp(q, k, v, past_key_value=(kp, vp[:, :, :1]))
+    with pytest.raises(ValueError, match="past_mask must be"):
+        attention_cp(q, k, v, past_key_value=(kp, vp), past_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="past_mask needs past_key_value"):
+        attention_cp(q, k, v, past_mask=torch.ones(1, 3))
