@@ -160,7 +160,8 @@ def reference():
                                 "continuation (cache=)": cont, "continuation (past_key_values=)": cont}
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
+# world 4 spawns 4 ranks on CI's 2 cores: the slow run (`pytest -m slow`), for the default suite's time
+@pytest.mark.parametrize("world", [1, 2, 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_cached_generation_equals_full_recompute(reference, world):
     state, ref = reference
     outs = [_worker(0, 1, state)] if world == 1 else run_ranks(_worker, world, args=(state,), timeout=400)
