@@ -62,7 +62,6 @@ from fla_cp import checks
 from fla_cp.layers.functional import rms_norm
 from fla_cp.ops.attention import ATTENTION_BACKENDS, attention_cp
 from fla_cp.ops.chunk_cp import _single_process_context
-from fla_cp.ops.context import _Unshard
 
 
 def flash_attn_available() -> bool:
@@ -190,7 +189,8 @@ class AttentionCP(Attention):
             # FLA writes this call's K/V into any cache it is given; under CP the cache is replicated: the
             # whole call's K/V on every rank (one differentiable all-gather, reduce-scatter in backward)
             if cp is not None and cp.world_size > 1:
-                k, v = (comm_unshard(x, cp) for x in (k, v))
+                # one gather of K and V side by side (the same head dim here)
+                k, v = cp.unshard(torch.cat([k, v], -2), dim=1, verify_agreement=False).chunk(2, -2)
             past_key_values.update(attn_state=(k.flatten(-2, -1), v.flatten(-2, -1)), layer_idx=self.layer_idx,
                                    offset=T_call, cache_kwargs=dict(window_size=self.window_size))
         o = self.o_proj(o.reshape(B, T, -1))
@@ -366,12 +366,6 @@ def _size_error(hidden_size: int = 2048, num_heads: int = 32, num_kv_heads: int 
     if window_size is not None and not positive_int(window_size):
         return f"window_size must be None or an int >= 1 (keys a query sees, itself included), got {window_size!r}"
     return None
-
-
-def comm_unshard(x: torch.Tensor, cp) -> torch.Tensor:
-    """This call's `[B, T_loc, ...]` -> `[B, T, ...]` on every rank, differentiable (gradients sent back
-    to the replicated result are summed over the group, each rank keeping its own rows' share)."""
-    return _Unshard.apply(x, cp, 1, False)
 
 
 def rope_positions(cp, device) -> torch.Tensor:
