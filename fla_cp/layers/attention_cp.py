@@ -139,9 +139,8 @@ class AttentionCP(Attention):
         **kwargs,
     ):
         cp = cp_context
-        last_state = get_layer_cache(module=self, past_key_values=past_key_values)
-        if last_state is None and past_key_values is not None:
-            last_state = {}     # a cache still empty for this layer: written below, and RoPE takes FLA's offset
+        # {}: a cache still empty for this layer: written below, and RoPE takes FLA's offset
+        last_state = self.cp_cache_state(past_key_values)
         if cp is not None:
             # before the first collective (the op's K/V exchange): bad or mismatched input must raise, not hang
             self.check_cp_call(hidden_states, cp, attention_mask, use_cache, last_state, verify_agreement,
@@ -195,6 +194,12 @@ class AttentionCP(Attention):
                                    offset=T_call, cache_kwargs=dict(window_size=self.window_size))
         o = self.o_proj(o.reshape(B, T, -1))
         return o, None, past_key_values
+
+    def cp_cache_state(self, past_key_values) -> dict | None:
+        """This layer's cached state (FLA's `attn_state`), `{}` for a cache still empty for it, None without one."""
+        if past_key_values is None:
+            return None
+        return get_layer_cache(module=self, past_key_values=past_key_values) or {}
 
     def _single_process_call(self, hidden_states, attention_mask, cu_seqlens, last_state):
         """(the one-process context of a call without CP, cu_seqlens as a tensor), after its checks."""

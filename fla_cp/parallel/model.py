@@ -18,7 +18,7 @@ runs the layers, its causal-LM head); it mixes these in and calls one hook:
 (`runs_replicated`), the split and sharding of the inputs and the forward's cross-rank check
 (`cp_enter`, policy in `fla_cp.checks`). `CPForCausalLMMixin` holds the causal-LM forward (global label
 shift, global loss, gathered logits), `generate` (settings check, RNG sharing) and the cache kwarg of
-every transformers release. Layers plug into the check through two methods: `cp_sizes()` and
+every transformers release. Layers plug into the check through three methods: `cp_sizes()`, `cp_cache_state(cache)` and
 `_cp_input_error(hidden_states, cp, attention_mask, last_state)` (see `fla_cp.layers.GatedDeltaNetCP`).
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import copy
 import torch
 import torch.distributed as dist
 from transformers.generation import GenerationMixin
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
 from fla_cp import checks
 from fla_cp.models.hf_compat import CACHE_KWARG, cache_field, generate_cache_kwargs, one_cache, output_cache
@@ -292,11 +292,9 @@ class CPModelMixin:
                            mask_content: bool = True) -> str | None:
         """The layers' own checks of this rank's input (one layer of each kind speaks for all); `mask_content`:
         also the padding mask's check for holes (a host sync)."""
-        from fla.layers.utils import get_layer_cache
         for layer in self._cp_layers():
-            last_state = get_layer_cache(module=layer, past_key_values=past_key_values)
-            if last_state is None and past_key_values is not None:
-                last_state = {}     # a cache, still empty for this layer (it will be written)
+            # the layer's cached states in its own layout; {}: a cache still empty for it (it will be written)
+            last_state = layer.cp_cache_state(past_key_values)
             if cp is not None:
                 error = layer._cp_input_error(hidden_states, cp, attention_mask, last_state, mask_content)
             elif last_state is not None and torch.is_tensor(hidden_states):
@@ -397,6 +395,14 @@ class CPForCausalLMMixin:
             loss = cp_loss.global_loss(loss_sum, shift_labels, cp, num_items_in_batch,
                                        l2warp_logits=logits if use_l2warp else None, unusable=unusable)
 
+        # a family's extra loss over the global batch (a MoE router's load balancing): (value, weight) or None
+        aux = self._cp_aux_loss(outputs, cp, attention_mask)
+        if aux is not None:
+            aux, weight = aux
+            aux = cp_loss.replicated_grad(aux, self.cp_size if replicated else 1)
+            if loss is not None:
+                loss = loss + weight * aux.to(loss.device)
+
         if cp is not None and gathers:
             # generation wants the last positions, which live on the last rank: gather hidden states
             # (D per token, cheaper than V) and project everywhere. Every rank then holds the same
@@ -418,8 +424,17 @@ class CPForCausalLMMixin:
             output = (logits, output_cache(outputs), outputs.hidden_states)
             output = tuple(o for o in output if o is not None)
             return (loss,) + output if loss is not None else output
+        if aux is not None:
+            return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, logits=logits,
+                                             hidden_states=outputs.hidden_states,
+                                             router_logits=outputs.get("router_logits"),
+                                             **cache_field(output_cache(outputs)))
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                       **cache_field(output_cache(outputs)))
+
+    def _cp_aux_loss(self, outputs, cp, attention_mask):
+        """A family's auxiliary loss over the global batch, `(value, weight)`, added to the loss; None here."""
+        return None
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, logits_to_keep=None,
                                       cache_position=None, next_sequence_length=None, **kwargs):

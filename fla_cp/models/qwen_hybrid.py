@@ -1,0 +1,248 @@
+"""The CP plumbing shared by transformers' Qwen3.5 / Qwen3.5-MoE / Qwen3-Next text models.
+
+A family's modeling file (`fla_cp/models/qwen3_5_cp/` ...) declares its CP classes as subclasses of
+transformers' own (same parameter names: checkpoints load unchanged) and of these mixins:
+
+- `QwenCPPreTrainedMixin`: the CP launch fields (`cp_size`, `cp_layout`, `backend`) as keywords of
+  `from_pretrained` / `from_config`, kept on the config object but never written to config.json (a
+  saved checkpoint is transformers' own); `device_mesh=` / `cp_group=` (`CPModelMixin`).
+- `QwenCPTextModelMixin`: builds transformers' text model, then turns its token mixers into their CP
+  subclasses (`cp_layer_classes`: the same modules, parameters untouched). Its `forward` splits the
+  call (`CPModelMixin.cp_enter`: the check, the shard, the embedding), computes the RoPE positions of
+  this rank's tokens (global, per document; or the given `position_ids`, sharded), and runs
+  transformers' own forward on the local tokens with the padding masks given as transformers' per-layer
+  mask mapping (which skips its mask creation: its recurrent mask slice would pick the wrong columns of
+  a shard), so its output recording (hidden states, router logits) stays transformers'.
+- `QwenCPForCausalLMMixin`: the CP causal-LM forward (`CPForCausalLMMixin`: global label shift and
+  loss, local or gathered logits, generation) plus the MoE router's load-balancing loss from global
+  statistics (`fla_cp.parallel.moe`).
+
+Training forwards default to `use_cache=False` (transformers' config default, True, would build and
+gather a cache every step); eval forwards keep transformers' default.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+from transformers import PreTrainedModel
+from transformers.cache_utils import DynamicCache
+
+from fla_cp.layers.attention_cp import rope_positions
+from fla_cp.models.gated_deltanet_cp.configuration_gated_deltanet_cp import check_cp_fields
+from fla_cp.models.hf_compat import one_cache
+from fla_cp.ops.chunk_cp import _single_process_context
+from fla_cp.parallel import CPForCausalLMMixin, CPModelMixin
+
+# the keywords that set how a model runs under CP (a launch choice, not saved), and their defaults
+CP_DEFAULTS = {"cp_size": 1, "cp_layout": "contiguous", "backend": "auto"}
+
+
+def with_cp_fields(config, **cp_kwargs):
+    """`config` carrying the CP fields (a copy when any is given), validated; defaults where unset."""
+    if cp_kwargs:
+        config = copy.deepcopy(config)
+    for name, default in CP_DEFAULTS.items():
+        value = cp_kwargs.get(name, getattr(config, name, default))
+        setattr(config, name, int(value) if name == "cp_size" and isinstance(value, (int, float)) else value)
+    check_cp_fields(config.cp_size, config.cp_layout, config.backend)
+    return config
+
+
+def _pop_cp_kwargs(kwargs: dict) -> dict:
+    return {name: kwargs.pop(name) for name in CP_DEFAULTS if name in kwargs}
+
+
+class QwenCPPreTrainedMixin(CPModelMixin):
+    """CP launch fields on transformers' config (module docstring); mixed in before transformers' class."""
+
+    # transformers' flag for its own (torch) context parallelism, which refuses linear-attention layers:
+    # this model's CP is exact for them
+    _supports_context_parallel = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`, plus `cp_size=`, `cp_layout=`, `backend=` and `device_mesh=`
+        (dims ("dp", "cp")) or `cp_group=`. A VLM checkpoint's config (Qwen3.5's `text_config`) gives the
+        text model, as transformers' own `*ForCausalLM` does."""
+        cp_kwargs = _pop_cp_kwargs(kwargs)
+        config = kwargs.pop("config", None)
+        if not isinstance(config, cls.config_class):
+            if config is None:
+                config = cls.config_class.from_pretrained(pretrained_model_name_or_path)
+            else:
+                config = _text_config_of(config, cls.config_class)
+        kwargs["config"] = with_cp_fields(config, **cp_kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        """transformers' hook behind `AutoModel*.from_config(config, cp_size=...)`."""
+        config = with_cp_fields(_text_config_of(config, cls.config_class), **_pop_cp_kwargs(kwargs))
+        return super()._from_config(config, **kwargs)
+
+    def save_pretrained(self, *args, **kwargs):
+        """transformers' `save_pretrained`, writing transformers' config.json (no CP launch fields)."""
+        saved = {name: self.config.__dict__.pop(name) for name in CP_DEFAULTS if name in self.config.__dict__}
+        try:
+            return super().save_pretrained(*args, **kwargs)
+        finally:
+            self.config.__dict__.update(saved)
+
+
+def _text_config_of(config, config_class):
+    """The text config a CP text model takes: `config` itself, or a VLM config's `text_config`."""
+    if isinstance(config, config_class):
+        return config
+    text = getattr(config, "text_config", None)
+    if isinstance(text, config_class):
+        for name in CP_DEFAULTS:        # CP fields given on the outer config
+            if hasattr(config, name) and not hasattr(text, name):
+                setattr(text, name, getattr(config, name))
+        return text
+    raise TypeError(f"expected a {config_class.__name__} (or a config whose text_config is one), got "
+                    f"{type(config).__name__} (model_type {getattr(config, 'model_type', None)!r})")
+
+
+class QwenCPTextModelMixin(QwenCPPreTrainedMixin):
+    """transformers' text model with CP token mixers and a CP forward (module docstring). The family sets
+    `cp_layer_classes`: {decoder attribute ("linear_attn", "self_attn"): its CP subclass}."""
+
+    cp_layer_classes: dict = {}
+
+    def __init__(self, config, device_mesh=None, cp_group=None):
+        config = with_cp_fields(config)
+        super().__init__(config)
+        self.setup_cp(config, device_mesh, cp_group)
+        backend = config.backend
+        for layer in self.layers:
+            for name, cls in self.cp_layer_classes.items():
+                mixer = getattr(layer, name, None)
+                if mixer is not None:
+                    # the CP subclass adds no parameters: the module (built and initialised by transformers,
+                    # as in its own model) becomes one, rather than being built twice
+                    mixer.__class__ = cls
+                    mixer.backend = backend if name == "linear_attn" or backend == "torch" else "auto"
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, past_key_values=None, cu_seqlens=None, inputs_are_sharded: bool = False,
+                cp_context=None, _cp_loss=None, return_dict=None, **kwargs):
+        """This rank's final hidden states `[B, T_loc, D]` (docs/models.md); `output.cp_context` is the
+        call's `CPContext` (None without CP, and for a call that runs replicated)."""
+        cache = one_cache(cache, past_key_values, type(self).__name__)
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if attention_mask is not None and (not torch.is_tensor(attention_mask) or attention_mask.dim() != 2):
+            got = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
+            raise ValueError(f"{type(self).__name__}: attention_mask must be a [B, T] 0/1 padding mask (the layers "
+                             f"build their causal / per-document masks), got {got}")
+        for name in ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"{type(self).__name__}: {name}: vision inputs are not supported (text models)")
+        hidden_states, cp, cu_seqlens = self.cp_enter(
+            input_ids, inputs_embeds, attention_mask=attention_mask, cu_seqlens=cu_seqlens, past_key_values=cache,
+            use_cache=use_cache, inputs_are_sharded=inputs_are_sharded, cp_context=cp_context, loss_args=_cp_loss)
+        position_ids = self._cp_positions(position_ids, hidden_states, cp, cu_seqlens, cache, inputs_are_sharded)
+        out = super().forward(
+            inputs_embeds=hidden_states, attention_mask={"full_attention": attention_mask,
+                                                         "linear_attention": attention_mask},
+            position_ids=position_ids, cache=cache, use_cache=use_cache, cp_context=cp,
+            cu_seqlens=cu_seqlens if cp is None else None, **kwargs)
+        out.cp_context = cp
+        return out if return_dict is not False else out.to_tuple()
+
+    def _cp_positions(self, position_ids, hidden_states, cp, cu_seqlens, cache, inputs_are_sharded):
+        """RoPE positions of this rank's tokens `[B, T_loc]` (or the given ones' shard, `[..., B, T_loc]`):
+        by default as transformers counts them, the cached tokens plus the index in the row, or in the
+        document when packed (transformers' packed reference: one run per document)."""
+        B, T = hidden_states.shape[:2]
+        if position_ids is not None:
+            if cp is not None and not inputs_are_sharded:
+                if position_ids.shape[-1] != cp.total_len:
+                    raise ValueError(f"{type(self).__name__}: position_ids has shape {tuple(position_ids.shape)}, "
+                                     f"expected {cp.total_len} positions (the call's tokens) along its last dim")
+                position_ids = cp.shard(position_ids, dim=position_ids.dim() - 1)
+            return position_ids
+        ctx = cp
+        if ctx is None:
+            ctx, error = _single_process_context(T, cu_seqlens)
+            if error:
+                raise ValueError(f"{type(self).__name__}: {error}")
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        return (rope_positions(ctx, hidden_states.device) + past).unsqueeze(0).expand(B, -1)
+
+
+class QwenCPForCausalLMMixin(QwenCPPreTrainedMixin, CPForCausalLMMixin):
+    """The CP causal LM of a family (module docstring). The family sets `text_model_class`."""
+
+    text_model_class = None
+
+    def __init__(self, config, device_mesh=None, cp_group=None):
+        config = with_cp_fields(config)
+        # transformers' *ForCausalLM.__init__, with the CP text model in place of transformers' (built once)
+        PreTrainedModel.__init__(self, config)
+        self.model = self.text_model_class(config, device_mesh=device_mesh, cp_group=cp_group)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "num_experts", 0):
+            self.router_aux_loss_coef = config.router_aux_loss_coef
+            self.num_experts = config.num_experts
+            self.num_experts_per_tok = config.num_experts_per_tok
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, cu_seqlens=None,
+                inputs_are_sharded: bool = False, gather_logits: bool = False, shift_labels=None, cp_context=None,
+                num_items_in_batch=None, output_router_logits=None, return_dict=None, **kwargs):
+        """Logits and the global loss under CP (docs/models.md), with the MoE load-balancing loss from the
+        whole CP group's router statistics when `output_router_logits` (transformers' argument / config)."""
+        if getattr(self.config, "num_experts", 0):
+            if output_router_logits is None:
+                output_router_logits = getattr(self.config, "output_router_logits", False)
+            kwargs["output_router_logits"] = output_router_logits
+        return self.cp_causal_lm_forward(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values, labels=labels, use_cache=use_cache, return_dict=return_dict,
+            logits_to_keep=logits_to_keep, num_items_in_batch=num_items_in_batch, cu_seqlens=cu_seqlens,
+            inputs_are_sharded=inputs_are_sharded, gather_logits=gather_logits, shift_labels=shift_labels,
+            cp_context=cp_context, cache=cache, position_ids=position_ids, **kwargs)
+
+    def _cp_aux_loss(self, outputs, cp, attention_mask):
+        """(the router's load-balancing loss over the global batch, its weight in the loss), or None: the
+        counts, probabilities and rows of every CP rank are summed before the product (`fla_cp.parallel.moe`)."""
+        router_logits = outputs.get("router_logits")
+        if not getattr(self.config, "num_experts", 0) or not router_logits:
+            return None
+        from fla_cp.parallel.moe import load_balancing_loss_cp
+        T = outputs.last_hidden_state.shape[1]
+        mask = attention_mask
+        if mask is not None and cp is not None and not cp.packed:
+            mask = mask[:, -cp.total_len:]
+            mask = cp.shard(mask, dim=1) if mask.shape[1] != T else mask
+        elif mask is not None:
+            mask = None if cp is not None else mask[:, -T:]
+        aux = load_balancing_loss_cp(router_logits, self.num_experts, self.num_experts_per_tok, mask,
+                                     group=cp.group if cp is not None else None)
+        return aux, self.router_aux_loss_coef
+
+
+def register_family(model_type: str, config_classes: tuple, text_model_class, causal_lm_class) -> None:
+    """Map the family's configs to its CP classes in `AutoModel` / `AutoModelForCausalLM` (replacing
+    transformers' classes in this process: with cp_size 1 ours compute what they compute), and keep
+    transformers' checkpoint conversions for them (transformers skips them for classes defined outside
+    it unless their model_type is registered: e.g. Qwen3.5 VLM checkpoints' `model.language_model.*`, the
+    MoE checkpoints' per-expert weights)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+    AutoModel._model_mapping.register(config_classes[0], text_model_class, exist_ok=True)
+    for config_class in config_classes:
+        AutoModelForCausalLM._model_mapping.register(config_class, causal_lm_class, exist_ok=True)
+    mapping = get_checkpoint_conversion_mapping(model_type)
+    if mapping is not None:
+        register_checkpoint_conversion_mapping(model_type, mapping, overwrite=True)
