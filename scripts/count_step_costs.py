@@ -4,6 +4,7 @@ A tiny GatedDeltaNetCPForCausalLM (vocab 128, 2 layers) trains on P gloo ranks (
 (forward with labels, backward, `fla_cp.models.sync_gradients`, AdamW step) in four settings:
 
     dense     B=2, T=64, contiguous layout
+    qwen3_5   B=2, T=64, contiguous, transformers' Qwen3.5 under CP (preset qwen3_5-tiny, vocab 128)
     masked    B=2, T=64, right-padded attention_mask (labels -100 at pads), other pad lengths each step
     packed    B=1, T=128, cu_seqlens with documents crossing the rank boundaries, new boundaries each step
     zigzag    B=2, T=64, zigzag layout
@@ -49,6 +50,7 @@ SETTINGS = {
     "masked": "B=2, T=64, right padding (attention_mask), contiguous",
     "packed": "B=1, T=128, cu_seqlens (documents cross ranks; new boundaries each step), contiguous",
     "zigzag": "B=2, T=64, zigzag",
+    "qwen3_5": "B=2, T=64, contiguous; transformers' Qwen3.5 (qwen3_5-tiny: 3 GDN + 1 attention layer)",
 }
 PHASES = ("forward", "backward", "sync_gradients", "optimizer")
 KINDS = [("collectives", "collective"), ("device_syncs", "device sync"), ("host_only_syncs", "host-data sync"),
@@ -85,7 +87,12 @@ def worker(rank, world, settings, steps):
     for setting in settings:
         torch.manual_seed(0)
         layout = "zigzag" if setting == "zigzag" else "contiguous"
-        model = GatedDeltaNetCPForCausalLM(GatedDeltaNetCPConfig(**CONFIG, cp_size=world, cp_layout=layout))
+        if setting == "qwen3_5":
+            from fla_cp.utils.configs import build_config, causal_lm_class
+            config = build_config("qwen3_5-tiny", VOCAB, cp_size=world)
+            model = causal_lm_class(config)(config).train()
+        else:
+            model = GatedDeltaNetCPForCausalLM(GatedDeltaNetCPConfig(**CONFIG, cp_size=world, cp_layout=layout))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         per_step = []
         for step in range(1, steps + 1):

@@ -6,8 +6,9 @@
 #   scripts/gpu_check.sh op        # 1-3 below: op correctness, fp32 and bf16     (step limits 5.5 min)
 #   scripts/gpu_check.sh model     # 4: numerical check, FLA loss kernels, training, memory on CUDA (step limits 9 min)
 #   scripts/gpu_check.sh attention # 4b: attention kernels, hybrid model CP vs one process (limits 7 min)
+#   scripts/gpu_check.sh qwen      # 4c: transformers' Qwen3.5 / Qwen3-Next under CP vs transformers (limits 6 min)
 #   scripts/gpu_check.sh bench     # 5: scripts/bench_op.py                       (limit 9 min)
-#   scripts/gpu_check.sh           # all four
+#   scripts/gpu_check.sh           # all five
 #   BENCH_ARGS="--T 32768 --P 4 --shapes main" scripts/gpu_check.sh bench
 #
 # 1. FLA: install the wheels carried in .whl/ (no network on the GPU machine) unless FLA 0.6.0 is
@@ -37,6 +38,10 @@
 #    then tests/cp/test_numerical_correctness.py --hybrid (GDN layers plus full and windowed attention):
 #    CP=2 vs one process in fp32 (SDPA) and bf16 (flash-attn when installed, else SDPA), and CP=2 zigzag
 #    with the attention layers forced onto SDPA against the same reference.
+# 4c. transformers' Qwen3.5 and Qwen3-Next (scripts/check_qwen_cuda.py): our CP models vs transformers'
+#    own model on CUDA (its GDN layers on FLA's kernels, attention on SDPA; ours on FLA's kernels and our
+#    Triton summaries, attention on flash-attn in bf16 when installed), one process and CP=2 (gloo ranks
+#    on the one GPU): loss, logits, gradients, greedy generation, fp32 (IEEE dots) and bf16.
 # 5. scripts/bench_op.py: the per-rank cost table (BENCH_ARGS passed through), autotuned.
 # Every step has a time limit; the summary at the end says what passed.
 set -u
@@ -47,9 +52,9 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}   # the GPU image has p
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 BENCH_ARGS=${BENCH_ARGS:-}
-STEPS=${*:-op model attention bench}
+STEPS=${*:-op model attention qwen bench}
 for group in $STEPS; do
-  case $group in op|model|attention|bench) ;; *) echo "unknown group '$group' (op, model, attention, bench)"; exit 2 ;; esac
+  case $group in op|model|attention|qwen|bench) ;; *) echo "unknown group '$group' (op, model, attention, qwen, bench)"; exit 2 ;; esac
 done
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node=2"
@@ -144,6 +149,14 @@ if wants attention; then
       --mode cp --hybrid --cp_size 2 --ref "$OUT/hybrid_reference.pt"
   run hybrid_cp2_sdpa_zigzag 100 env TRITON_F32_DEFAULT=ieee $TORCHRUN $PATCHED tests/cp/test_numerical_correctness.py \
       --mode cp --hybrid --cp_size 2 --cp_layout zigzag --attention_kernel sdpa --ref "$OUT/hybrid_reference.pt"
+  unset FLA_CP_AUTOTUNE
+fi
+
+# --- 4c. transformers' Qwen3.5 / Qwen3-Next -----------------------------------------------------
+if wants qwen; then
+  export FLA_CP_AUTOTUNE=0
+  run qwen_one_process 150 env TRITON_F32_DEFAULT=ieee $PY $PATCHED scripts/check_qwen_cuda.py
+  run qwen_cp2 200 env TRITON_F32_DEFAULT=ieee $TORCHRUN $PATCHED scripts/check_qwen_cuda.py
   unset FLA_CP_AUTOTUNE
 fi
 

@@ -1,8 +1,11 @@
-"""Model presets for the scripts: `--model_config <preset>|<path>` (`PRESETS`: tiny, small, base, and the
-hybrids hybrid-tiny, hybrid-small, hybrid-base, hybrid-small-swa).
+"""Model presets for the scripts: `--model_config <preset>|<path>` (`PRESETS`: tiny, small, base, the
+hybrids hybrid-tiny, hybrid-small, hybrid-base, hybrid-small-swa, and transformers' Qwen3.5 / Qwen3.5-MoE /
+Qwen3-Next: qwen3_5-tiny, qwen3_5-small, qwen3_5_moe-tiny, qwen3_next-tiny).
 
-A preset is a dict of GatedDeltaNetConfig fields; `<path>` is a JSON file of such fields or a
-directory with a `config.json` (e.g. a checkpoint). FLA's fused Triton norm / SwiGLU / cross-entropy
+A preset is a dict of GatedDeltaNetConfig fields, or of a transformers config's fields with its
+`model_type`; `<path>` is a JSON file of such fields or a directory with a `config.json` (e.g. a
+checkpoint, transformers' own included). `build_config` makes the config object, `causal_lm_class`
+the CP model class that takes it. FLA's fused Triton norm / SwiGLU / cross-entropy
 are switched off so the same config runs on CPU; `vocab_size` and the special token ids always come
 from the tokenizer, and the CP launch choices (`cp_size`, `cp_layout`) from the command line, never
 from the file. `resolved_model_config` is the full config a spec stands for, to compare two specs.
@@ -53,6 +56,26 @@ PRESETS.update({
 })
 
 
+# transformers' GDN hybrids (Qwen3.5 dense, Qwen3.5-MoE, Qwen3-Next): a preset names its model_type and
+# holds that config's fields; layer_types default to transformers' (attention every 4th layer). GVA (value
+# heads = 2 x key heads) and GQA attention with partial RoPE, as the released models.
+_QWEN_TINY = dict(hidden_size=64, num_hidden_layers=4, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                  linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4)
+_QWEN_SMALL = dict(hidden_size=256, num_hidden_layers=4, intermediate_size=768, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4,
+                   linear_key_head_dim=64, linear_value_head_dim=64, linear_conv_kernel_dim=4)
+_MOE_TINY = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64)
+PRESETS.update({
+    "qwen3_5-tiny": dict(_QWEN_TINY, model_type="qwen3_5_text"),
+    "qwen3_5-small": dict(_QWEN_SMALL, model_type="qwen3_5_text"),
+    "qwen3_5_moe-tiny": dict(_QWEN_TINY, **_MOE_TINY, model_type="qwen3_5_moe_text"),
+    "qwen3_next-tiny": dict(_QWEN_TINY, **_MOE_TINY, model_type="qwen3_next"),
+})
+# model types that transformers' config classes build (the others are FLA GatedDeltaNet configs)
+TRANSFORMERS_TYPES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "qwen3_5", "qwen3_5_moe")
+
+
 def preset_help() -> str:
     """The preset names for a `--model_config` help string."""
     return "|".join(PRESETS)
@@ -68,32 +91,67 @@ CPU_SAFE = {"fuse_norm": False, "fuse_swiglu": False, "fuse_cross_entropy": Fals
             "fuse_linear_cross_entropy": False, "use_cache": False}
 
 
-def model_config_kwargs(spec: str, vocab_size: int, **overrides) -> dict:
-    """GatedDeltaNetCPConfig keyword arguments for a preset name or a JSON / config directory path."""
+def model_type_of(spec: str) -> str | None:
+    """The transformers model_type `spec` builds (`TRANSFORMERS_TYPES`), or None for an FLA GatedDeltaNet."""
+    model_type = _fields_of(spec).get("model_type")
+    return model_type if model_type in TRANSFORMERS_TYPES else None
+
+
+def _fields_of(spec: str) -> dict:
     if spec in PRESETS:
-        fields = copy.deepcopy(PRESETS[spec])      # a hybrid's `attn` is a dict / list: not shared
-    else:
-        path = Path(spec)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"--model_config {spec!r}: not a preset ({', '.join(PRESETS)}) nor a JSON file")
-        fields = json.loads(path.read_text())
-        for key in ("architectures", "model_type", "transformers_version", "auto_map", "dtype", "torch_dtype",
-                    *LAUNCH_FIELDS, *TOKENIZER_FIELDS):
-            fields.pop(key, None)
-    fields.update(CPU_SAFE)
+        return copy.deepcopy(PRESETS[spec])      # a hybrid's `attn` is a dict / list: not shared
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--model_config {spec!r}: not a preset ({', '.join(PRESETS)}) nor a JSON file")
+    return json.loads(path.read_text())
+
+
+def model_config_kwargs(spec: str, vocab_size: int, **overrides) -> dict:
+    """Config keyword arguments for a preset name or a JSON / config directory path: GatedDeltaNetCPConfig's,
+    or those of the transformers config of the spec's model_type (`model_type_of`)."""
+    fields = _fields_of(spec)
+    qwen = fields.get("model_type") in TRANSFORMERS_TYPES
+    if qwen and isinstance(fields.get("text_config"), dict):
+        fields = fields["text_config"]          # a VLM checkpoint's config: its text model
+    for key in ("architectures", "model_type", "transformers_version", "auto_map", "dtype", "torch_dtype",
+                *LAUNCH_FIELDS, *TOKENIZER_FIELDS):
+        fields.pop(key, None)
+    fields.update({"use_cache": False} if qwen else CPU_SAFE)
     fields["vocab_size"] = vocab_size
     fields.update(overrides)
     return fields
+
+
+def build_config(spec: str, vocab_size: int, **cp_fields):
+    """The config object `spec` stands for, with the CP launch fields (`cp_size`, `cp_layout`): a
+    `GatedDeltaNetCPConfig`, or transformers' text config of a Qwen3.5 / Qwen3.5-MoE / Qwen3-Next spec
+    carrying them (what `fla_cp`'s Qwen CP classes take)."""
+    model_type = model_type_of(spec)
+    fields = model_config_kwargs(spec, vocab_size)
+    if model_type is None:
+        from fla_cp.models import GatedDeltaNetCPConfig
+        return GatedDeltaNetCPConfig(**fields, **cp_fields)
+    from transformers import AutoConfig
+
+    from fla_cp.models.qwen_hybrid import with_cp_fields
+    text_type = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}.get(model_type, model_type)
+    return with_cp_fields(AutoConfig.for_model(text_type, **fields), **cp_fields)
+
+
+def causal_lm_class(config):
+    """fla_cp's CP causal-LM class for a config from `build_config`."""
+    import fla_cp  # noqa: F401  (registers the CP classes with the Auto mapping)
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM._model_mapping[type(config)]
 
 
 def resolved_model_config(spec: str, vocab_size: int) -> dict:
     """Every field of the config `spec` builds (defaults filled in), without the launch choices and
     version stamps: equal for two specs exactly when they describe the same model (a preset and a
     checkpoint saved from it, a JSON file listing the preset's fields)."""
-    from fla_cp.models import GatedDeltaNetCPConfig
-    fields = GatedDeltaNetCPConfig(**model_config_kwargs(spec, vocab_size)).to_dict()
+    fields = build_config(spec, vocab_size).to_dict()
     for key in (*LAUNCH_FIELDS, "transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype"):
         fields.pop(key, None)
     return json.loads(json.dumps(fields))        # as it reads back from JSON

@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=4 tests/cp/benchmark_memory.py --cp_size 4  # compares against it
     python tests/cp/benchmark_memory.py --plot memory.png                  # plot the latest run and its peers
     torchrun --nproc_per_node=2 tests/cp/benchmark_memory.py --model_config hybrid-small   # GDN + attention
+    torchrun --nproc_per_node=2 tests/cp/benchmark_memory.py --model_config qwen3_5-small  # transformers' Qwen3.5
 
 Every measurement runs in a fresh process per rank (spawned by each launcher rank), so that
   * on GPU, Peak is torch.cuda.max_memory_allocated of that step;
@@ -16,6 +17,9 @@ the latest one. An out-of-memory step is reported in Status, not a crash (exit 0
 A measurement that failed (the step raised, its process died or timed out) exits 1, and the run is
 neither saved nor plotted: the results file keeps the last good run. Results:
 <results_dir>/memory_<dev>_cp<P>.json (memory_<dev>_cp<P>_zigzag.json for --cp_layout zigzag).
+
+Any model of `fla_cp.utils.configs` runs: FLA GatedDeltaNet (pure, hybrid) and transformers' Qwen3.5 /
+Qwen3.5-MoE / Qwen3-Next presets or config directories.
 
 Hybrid models (a config with softmax-attention layers, e.g. --model_config hybrid-small) get a second
 table that splits Activations by the decoder layer that saved them first (module hooks on the blocks
@@ -49,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # run from a chec
 import torch
 import torch.distributed as dist
 
-from fla_cp.utils.configs import model_config_kwargs, preset_help, resolved_model_config
+from fla_cp.utils.configs import build_config, causal_lm_class, preset_help, resolved_model_config
 from fla_cp.utils.dist import (
     broadcast_object,
     cleanup_distributed,
@@ -117,25 +121,43 @@ def warmup_len(seq_len: int, cp_size: int) -> int:
     return min(seq_len, cp_size * max(2, local_len // WARMUP_DIV))
 
 
+def token_mixer(block):
+    """A decoder layer's token mixer: FLA's `attn` (GDN or attention), transformers' `linear_attn` / `self_attn`."""
+    for name in ("attn", "linear_attn", "self_attn"):
+        if hasattr(block, name):
+            return getattr(block, name)
+    raise TypeError(f"{type(block).__name__}: no token mixer (attn, linear_attn or self_attn)")
+
+
+def attention_sizes(mixer) -> tuple[int, int, int | None] | None:
+    """(K/V heads, head dim, window or None) of a softmax-attention mixer; None for a GDN layer."""
+    from fla_cp.layers import AttentionCP
+    from fla_cp.layers.qwen_hybrid_cp import QwenGatedAttentionCPMixin
+    if isinstance(mixer, AttentionCP):
+        return mixer.num_kv_heads, mixer.head_dim, mixer.window_size
+    if isinstance(mixer, QwenGatedAttentionCPMixin):
+        return mixer.config.num_key_value_heads, mixer.head_dim, None
+    return None
+
+
 def layer_kinds(model) -> list[str]:
     """"attn" or "gdn" per decoder layer, in order."""
-    from fla_cp.layers import AttentionCP
-    return ["attn" if isinstance(block.attn, AttentionCP) else "gdn" for block in model.model.layers]
+    return ["attn" if attention_sizes(token_mixer(block)) else "gdn" for block in model.model.layers]
 
 
 def kv_gather_bytes(model, batch_size: int, seq_len: int, cp_size: int, layout: str, elem_bytes: int) -> int:
     """The largest K/V all-gather of one attention layer's forward, per rank (computed from the sizes, see
     the module docstring): 0 without CP or without attention layers."""
-    from fla_cp.layers import AttentionCP
     if cp_size == 1:
         return 0
     parts = 2 if layout == "zigzag" else 1
     sizes = [0]
     for block in model.model.layers:
-        a = block.attn
-        if isinstance(a, AttentionCP):
-            width = a.num_kv_heads * 2 * a.head_dim             # K and V side by side (D == Dv)
-            rows = seq_len if a.window_size is None else cp_size * parts * min(a.window_size - 1, seq_len - 1) + 1
+        attn = attention_sizes(token_mixer(block))
+        if attn:
+            kv_heads, head_dim, window = attn
+            width = kv_heads * 2 * head_dim             # K and V side by side (D == Dv)
+            rows = seq_len if window is None else cp_size * parts * min(window - 1, seq_len - 1) + 1
             sizes.append(batch_size * rows * width * elem_bytes)
     return max(sizes)
 
@@ -174,12 +196,7 @@ def measure(args) -> dict:
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
     import fla_cp  # noqa: F401
-    from fla_cp.models import (
-        GatedDeltaNetCPConfig,
-        GatedDeltaNetCPForCausalLM,
-        init_cp_mesh,
-        sync_gradients,
-    )
+    from fla_cp.models import init_cp_mesh, sync_gradients
     from fla_cp.utils.memory import (
         SavedActivations,
         current_rss_bytes,
@@ -222,9 +239,8 @@ def measure(args) -> dict:
     try:
         mesh = init_cp_mesh(args.cp_size, device_type=info.device.type)
         torch.manual_seed(0)
-        config = GatedDeltaNetCPConfig(**model_config_kwargs(args.model_config, args.vocab_size),
-                                       cp_size=args.cp_size, cp_layout=args.cp_layout)
-        model = GatedDeltaNetCPForCausalLM(config, device_mesh=mesh).to(info.device)
+        config = build_config(args.model_config, args.vocab_size, cp_size=args.cp_size, cp_layout=args.cp_layout)
+        model = causal_lm_class(config)(config, device_mesh=mesh).to(info.device)
         params = list(model.parameters())
         # known before the step runs: the run's header has it even if every step fails or runs out of memory
         result.update(params=sum(p.numel() for p in params),

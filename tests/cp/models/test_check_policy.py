@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fla_cp.models
 from fla_cp import checks
 from fla_cp.models import GatedDeltaNetCPConfig, GatedDeltaNetCPForCausalLM, sync_gradients
 from fla_cp.ops import comm
@@ -244,3 +245,32 @@ def test_bad_values_in_steady_state_poison_the_loss_everywhere():
         assert math.isnan(res["label"]) and math.isnan(res["id"]), (rank, res)
         assert math.isfinite(res["good"]), (rank, res)
     assert results[0]["good"] == results[1]["good"]
+
+
+def _worker_qwen_policy(rank, world):
+    """transformers' Qwen3.5 under CP: the same policy (one check per signature, none per layer)."""
+    from fla_cp.utils.configs import build_config, causal_lm_class
+    config = build_config("qwen3_5-tiny", VOCAB, cp_size=world)
+    torch.manual_seed(0)
+    model = causal_lm_class(config)(config).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    per_step = []
+    for step in range(3):
+        inputs = batch(step)
+        with _CheckSpy() as spy, count_costs(device_data=(model, *inputs.values())) as c:
+            _step(model, opt, inputs)
+        per_step.append((list(spy.calls), dict(c.by_caller("collectives"))))
+    return per_step
+
+
+def test_qwen_steady_state_makes_no_checks():
+    """Qwen3.5's CP layers are checked once, by the model's forward: no check of their own (a collective
+    per layer per step), and nothing in steady state."""
+    if fla_cp.models.QWEN_FAMILIES_MISSING:
+        pytest.skip(fla_cp.models.QWEN_FAMILIES_MISSING)
+    for rank, steps in enumerate(run_ranks(_worker_qwen_policy, 2, timeout=240)):
+        first_calls, first_collectives = steps[0]
+        assert first_calls == ["Qwen3_5CPTextModel", "sync_gradients"], (rank, first_calls)
+        want = {k: v for k, v in first_collectives.items() if "check_agreement" not in k}
+        for i, (calls, collectives) in enumerate(steps[1:], 1):
+            assert calls == [] and collectives == want, (rank, i, calls, collectives, want)
