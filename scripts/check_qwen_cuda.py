@@ -6,12 +6,12 @@
 
 On CUDA transformers' GDN layers call FLA's chunk kernels and its attention SDPA; ours run FLA's kernels
 and our Triton summaries (backend "auto"), attention through flash-attn in bf16 when installed, SDPA
-otherwise. Per family and dtype: the loss, the gathered logits and every gradient (after
-`sync_gradients`: all of them as one vector, and the worst tensor, against its norm or 1e-3 of the whole
-gradient's: at transformers' init the decay gates' gradients are ~1e-8, pure cancellation) of one training step on a dense batch vs transformers' in the
-same process, and greedy generation. fp32 runs with IEEE dots (set TRITON_F32_DEFAULT=ieee and TF32 off) against 1e-4 relative;
-bf16 against FLA's bf16 tolerances (loss 5e-3, logits 2e-2, gradients 5e-2 relative). Prints a table;
-exits 1 on a mismatch.
+otherwise. Per family and dtype, one training step on a dense batch vs transformers' in the same
+process: the loss, the gathered logits and every gradient (after `sync_gradients`: all of them as one
+vector, and the worst tensor, against its norm or 1e-3 of the whole gradient's: at transformers' init
+the decay gates' gradients are ~1e-8, pure cancellation), and greedy generation. fp32 runs with IEEE
+dots (set TRITON_F32_DEFAULT=ieee and TF32 off) against 1e-4 relative; bf16 against FLA's bf16
+tolerances (loss 5e-3, logits 2e-2, gradients 5e-2 relative). Prints a table; exits 1 on a mismatch.
 """
 from __future__ import annotations
 

@@ -80,7 +80,7 @@ class QwenGatedDeltaNetCPMixin(GatedDeltaCPMixin):
         layer.conv_states[0] = conv_state
         layer.recurrent_states[0] = recurrent_state
         layer.has_previous_state[0] = True
-        layer.cumulative_length_linear = layer.cumulative_length_linear + n_tokens
+        layer.cumulative_length_linear.add_(n_tokens)
 
     # ------------------------------------------------------------------ the family's pieces
     def gdn_sizes(self) -> tuple[int, int, int, int, int, int]:

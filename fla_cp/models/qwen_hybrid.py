@@ -23,10 +23,12 @@ gather a cache every step); eval forwards keep transformers' default.
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
 from fla_cp.layers.attention_cp import rope_positions
@@ -65,16 +67,29 @@ class QwenCPPreTrainedMixin(CPModelMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """transformers' `from_pretrained`, plus `cp_size=`, `cp_layout=`, `backend=` and `device_mesh=`
         (dims ("dp", "cp")) or `cp_group=`. A VLM checkpoint's config (Qwen3.5's `text_config`) gives the
-        text model, as transformers' own `*ForCausalLM` does."""
+        text model, as transformers' own `*ForCausalLM` does. A checkpoint of another model type raises
+        (transformers would only warn, then load what matches by name into a randomly initialised model)."""
         cp_kwargs = _pop_cp_kwargs(kwargs)
         config = kwargs.pop("config", None)
-        if not isinstance(config, cls.config_class):
-            if config is None:
-                config = cls.config_class.from_pretrained(pretrained_model_name_or_path)
-            else:
-                config = _text_config_of(config, cls.config_class)
+        if config is None:
+            check_checkpoint_model_type(cls, pretrained_model_name_or_path,
+                                        {k: kwargs[k] for k in _LOCATION_KWARGS if k in kwargs})
+            config, kwargs = _load_config(cls.config_class, pretrained_model_name_or_path, kwargs)
+        elif not isinstance(config, cls.config_class):
+            config = _text_config_of(config, cls.config_class)
         kwargs["config"] = with_cp_fields(config, **cp_kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        """transformers' answer for the class this one subclasses. transformers decides by looking for
+        `@use_experts_implementation` in the class's module source: never in ours, though the experts are
+        transformers' own modules. Its answer is cached per class and inherited, so ours depended on which
+        classes the process had built before (after transformers' MoE causal LM, ours asked its text model
+        for "grouped_mm", which refused it: the load failed)."""
+        base = next(c for c in cls.__mro__
+                    if issubclass(c, PreTrainedModel) and c.__module__.startswith("transformers."))
+        return base._can_set_experts_implementation()
 
     @classmethod
     def _from_config(cls, config, **kwargs):
@@ -89,6 +104,56 @@ class QwenCPPreTrainedMixin(CPModelMixin):
             return super().save_pretrained(*args, **kwargs)
         finally:
             self.config.__dict__.update(saved)
+
+
+# the `from_pretrained` keywords that say where config.json is (read from there, and kept for the weights)
+_LOCATION_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder",
+                    "gguf_file")
+
+
+def checkpoint_model_types(config_class) -> tuple[str, ...]:
+    """The model_types of the checkpoints a CP model of `config_class` loads: its own, and those of the
+    VLM configs (in the same transformers module) whose `text_config` it is (Qwen3.5's "qwen3_5")."""
+    module = sys.modules[config_class.__module__]
+    vlm = [obj.model_type for obj in vars(module).values()
+           if isinstance(obj, type) and issubclass(obj, PretrainedConfig)
+           and getattr(obj, "sub_configs", {}).get("text_config") is config_class]
+    return (config_class.model_type, *sorted(vlm))
+
+
+def check_checkpoint_model_type(cls, pretrained_model_name_or_path, location: dict) -> None:
+    """ValueError unless the checkpoint's config.json is of a model type `cls` loads (`checkpoint_model_types`);
+    also when it has none (transformers reads a directory without config.json as the config class's
+    defaults: a full-size model)."""
+    config_dict, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **location)
+    found = config_dict.get("model_type")
+    supported = checkpoint_model_types(cls.config_class)
+    if found not in supported:
+        what = f"is a checkpoint of model_type {found!r}" if found else "has no model_type (no config.json?)"
+        raise ValueError(f"{cls.__name__}.from_pretrained: pretrained_model_name_or_path="
+                         f"{str(pretrained_model_name_or_path)!r} {what}; {cls.__name__} loads model_type "
+                         f"{' or '.join(repr(t) for t in supported)} checkpoints (AutoModelForCausalLM picks the "
+                         f"class of a model type)")
+
+
+def _load_config(config_class, pretrained_model_name_or_path, kwargs: dict):
+    """(config, the keywords left for the model), as `AutoModelForCausalLM.from_pretrained` reads them:
+    keywords naming a config field update it (`output_router_logits=True`), the location keywords stay
+    for the weights, and an explicit dtype / quantization_config goes on to the model (transformers'
+    `from_pretrained` given a config object hands every other keyword to the model's `__init__`)."""
+    given = dict(kwargs)
+    location = {k: kwargs.pop(k) for k in _LOCATION_KWARGS if k in kwargs}
+    for key in ("dtype", "torch_dtype"):
+        if kwargs.get(key) == "auto":       # not a config value
+            kwargs.pop(key)
+    kwargs.pop("quantization_config", None)
+    config, kwargs = config_class.from_pretrained(pretrained_model_name_or_path, return_unused_kwargs=True,
+                                                  **location, **kwargs)
+    kwargs.update(location)
+    for key in ("dtype", "torch_dtype", "quantization_config"):
+        if given.get(key) is not None:
+            kwargs[key] = given[key]
+    return config, kwargs
 
 
 def _text_config_of(config, config_class):
@@ -137,11 +202,14 @@ class QwenCPTextModelMixin(QwenCPPreTrainedMixin):
             cache = DynamicCache(config=self.config)
         if attention_mask is not None and (not torch.is_tensor(attention_mask) or attention_mask.dim() != 2):
             got = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
-            raise ValueError(f"{type(self).__name__}: attention_mask must be a [B, T] 0/1 padding mask (the layers "
+            raise ValueError(f"{self._cp_who()}: attention_mask must be a [B, T] 0/1 padding mask (the layers "
                              f"build their causal / per-document masks), got {got}")
         for name in ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw"):
             if kwargs.get(name) is not None:
-                raise ValueError(f"{type(self).__name__}: {name}: vision inputs are not supported (text models)")
+                raise ValueError(f"{self._cp_who()}: {name}: vision inputs are not supported (text models)")
+        # whether this call records router logits: with the causal LM's load-balancing loss, a collective
+        # (`_forward_fields`)
+        self._cp_router_call = bool(kwargs.get("output_router_logits"))
         hidden_states, cp, cu_seqlens = self.cp_enter(
             input_ids, inputs_embeds, attention_mask=attention_mask, cu_seqlens=cu_seqlens, past_key_values=cache,
             use_cache=use_cache, inputs_are_sharded=inputs_are_sharded, cp_context=cp_context, loss_args=_cp_loss)
@@ -150,9 +218,34 @@ class QwenCPTextModelMixin(QwenCPPreTrainedMixin):
             inputs_embeds=hidden_states, attention_mask={"full_attention": attention_mask,
                                                          "linear_attention": attention_mask},
             position_ids=position_ids, cache=cache, use_cache=use_cache, cp_context=cp,
-            cu_seqlens=cu_seqlens if cp is None else None, **kwargs)
+            cu_seqlens=cu_seqlens if cp is None else None,
+            # the layers' own cross-rank check is `cp_enter`'s, done once for all of them: none per layer
+            verify_agreement=False, **kwargs)
         out.cp_context = cp
         return out if return_dict is not False else out.to_tuple()
+
+    def _cp_who(self) -> str:
+        """The class, and the rank under CP, for the messages of errors found before the forward's check."""
+        if self.cp_size == 1:
+            return type(self).__name__
+        return f"{type(self).__name__}: rank {dist.get_rank(self.cp_group)}"
+
+    def _forward_fields(self, *args, **kwargs):
+        """`CPModelMixin`'s agreement fields, plus the MoE router's: the causal LM's load-balancing loss
+        all-reduces [E] statistics when the call records router logits; ranks differing in E, top-k, the
+        MoE layers or the flag made that all-reduce fail in gloo, or hang, and a differing top-k or
+        coefficient gave a loss of neither configuration."""
+        fields, error = super()._forward_fields(*args, **kwargs)
+        static = self.__dict__.get("_cp_router_sizes")
+        if static is None:
+            config = self.config
+            moe_layers = sum(1 for layer in self.layers if hasattr(getattr(layer, "mlp", None), "experts"))
+            static = self.__dict__["_cp_router_sizes"] = [
+                getattr(config, "num_experts", 0) or 0, getattr(config, "num_experts_per_tok", 0) or 0, moe_layers,
+                float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)]
+        fields["MoE router (experts, per token, MoE layers, aux loss coefficient, router logits recorded)"] = \
+            static + [getattr(self, "_cp_router_call", False)]
+        return fields, error
 
     def _cp_positions(self, position_ids, hidden_states, cp, cu_seqlens, cache, inputs_are_sharded):
         """RoPE positions of this rank's tokens `[B, T_loc]` (or the given ones' shard, `[..., B, T_loc]`):
@@ -162,7 +255,7 @@ class QwenCPTextModelMixin(QwenCPPreTrainedMixin):
         if position_ids is not None:
             if cp is not None and not inputs_are_sharded:
                 if position_ids.shape[-1] != cp.total_len:
-                    raise ValueError(f"{type(self).__name__}: position_ids has shape {tuple(position_ids.shape)}, "
+                    raise ValueError(f"{self._cp_who()}: position_ids has shape {tuple(position_ids.shape)}, "
                                      f"expected {cp.total_len} positions (the call's tokens) along its last dim")
                 position_ids = cp.shard(position_ids, dim=position_ids.dim() - 1)
             return position_ids
@@ -229,18 +322,19 @@ class QwenCPForCausalLMMixin(QwenCPPreTrainedMixin, CPForCausalLMMixin):
         return aux, self.router_aux_loss_coef
 
 
-def register_family(model_type: str, config_classes: tuple, text_model_class, causal_lm_class) -> None:
-    """Map the family's configs to its CP classes in `AutoModel` / `AutoModelForCausalLM` (replacing
-    transformers' classes in this process: with cp_size 1 ours compute what they compute), and keep
+def register_family(model_type: str, config_classes: tuple, causal_lm_class) -> None:
+    """Map the family's configs to its CP causal LM in `AutoModelForCausalLM` (replacing transformers'
+    class in this process: with cp_size 1 ours computes what it computes), and keep
     transformers' checkpoint conversions for them (transformers skips them for classes defined outside
     it unless their model_type is registered: e.g. Qwen3.5 VLM checkpoints' `model.language_model.*`, the
     MoE checkpoints' per-expert weights)."""
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.conversion_mapping import (
         get_checkpoint_conversion_mapping,
         register_checkpoint_conversion_mapping,
     )
-    AutoModel._model_mapping.register(config_classes[0], text_model_class, exist_ok=True)
+    # Not `AutoModel`: transformers' Qwen3.5 VLMs build their language model through it (vision
+    # positions, visual embeddings): they keep transformers' text model. Ours is used by name.
     for config_class in config_classes:
         AutoModelForCausalLM._model_mapping.register(config_class, causal_lm_class, exist_ok=True)
     mapping = get_checkpoint_conversion_mapping(model_type)

@@ -135,7 +135,10 @@ def build_config(spec: str, vocab_size: int, **cp_fields):
         return GatedDeltaNetCPConfig(**fields, **cp_fields)
     from transformers import AutoConfig
 
+    from fla_cp.models import QWEN_FAMILIES_MISSING
     from fla_cp.models.qwen_hybrid import with_cp_fields
+    if QWEN_FAMILIES_MISSING:
+        raise ImportError(f"--model_config {spec!r}: {QWEN_FAMILIES_MISSING}")
     text_type = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}.get(model_type, model_type)
     return with_cp_fields(AutoConfig.for_model(text_type, **fields), **cp_fields)
 

@@ -1,9 +1,12 @@
-"""Train Gated DeltaNet with exact context parallelism on real text (no downloads).
+"""Train Gated DeltaNet (FLA's, or transformers' Qwen3.5 / Qwen3-Next) with exact context parallelism on
+real text (no downloads).
 
     torchrun --nproc_per_node=2 tests/cp/train_cp_real.py --cp_size 2          # CP=2 on CPU (gloo)
     torchrun --nproc_per_node=4 tests/cp/train_cp_real.py --cp_size 2          # DP=2 x CP=2
     python tests/cp/train_cp_real.py --cp_size 1                                # one process
     torchrun --nproc_per_node=2 tests/cp/train_cp_real.py --cp_size 2 --model_config hybrid-small  # GDN + attention
+    torchrun --nproc_per_node=4 tests/cp/train_cp_real.py --cp_size 2 --fsdp   # FSDP2 over dp x cp, sharded ckpts
+    torchrun --nproc_per_node=2 tests/cp/train_cp_real.py --cp_size 2 --model_config qwen3_5-small  # transformers'
 
 World = DP x CP; every rank of a CP group feeds the same packed batch and the model shards it along
 the sequence. The default corpus is this interpreter's standard-library sources, the default
@@ -14,8 +17,25 @@ Ctrl-C saves a checkpoint at the end of the current step and exits.
 A resume continues the checkpoint's run: the arguments that define it (model, tokenizer, data, seed,
 seq_len, sequences per step = batch_size x DP, optimizer and LR schedule, weight decay, clipping)
 must be given as they were, or the script exits (code 2) naming each difference. The CP size and
-layout, --bf16, and where / when to save, log and stop may change. A checkpoint already at --steps
+layout, --bf16, --fsdp, and where / when to save, log and stop may change. A checkpoint already at --steps
 (or at or past --stop_at) has nothing to do: the script says so and exits 0 without saving.
+
+--fsdp shards parameters, gradients and AdamW state over all dp x cp ranks (FSDP2, `fully_shard` of each
+decoder layer and of the root over the flattened dp x cp mesh: `fla_cp.parallel.apply_fsdp2`), for models
+whose replicated optimizer state does not fit. The gradient reduction is `sync_gradients`' (sum over CP,
+mean over DP: FSDP2 divides by dp, not dp x cp), so the losses are the replicated run's up to fp32
+rounding. Its checkpoints are sharded, in the same step_XXXXXXX/ directories:
+
+    step_XXXXXXX/dcp/                   model + optimizer shards (torch.distributed.checkpoint, every rank)
+    step_XXXXXXX/config.json, model.safetensors, generation_config.json
+                                        the weights gathered on rank 0: from_pretrained(dir) loads them
+    step_XXXXXXX/trainer_state.pt       step, data position, args (no optimizer: it is in dcp/)
+    step_XXXXXXX/rng_rank{r}.pt         every rank's RNG state
+    latest                              the newest complete checkpoint, written last
+
+Without --fsdp a checkpoint holds the optimizer state in trainer_state.pt instead of dcp/. Either kind
+resumes with or without --fsdp and with any world size / dp x cp split: DCP reshards the shards on load,
+and a replicated checkpoint's optimizer state is sharded on load (fla_cp/utils/checkpoint.py).
 """
 from __future__ import annotations
 
@@ -34,21 +54,22 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # run from a checkout without installing
 
-import fla_cp  # noqa: F401  (registers gated_deltanet_cp with the Auto classes)
+import fla_cp  # noqa: F401  (registers the CP models with the Auto classes)
 from fla_cp.data import DATA_SUFFIXES, Corpus, Packer, load_tokenizer
 from fla_cp.models import (
-    GatedDeltaNetCPConfig,
-    GatedDeltaNetCPForCausalLM,
     init_cp_mesh,
     sync_gradients,
 )
+from fla_cp.parallel import apply_fsdp2
 from fla_cp.utils.checkpoint import (
+    checkpoint_format,
+    load_model_and_optimizer,
     load_trainer_state,
     resolve_checkpoint,
     save_checkpoint,
     set_rng_state,
 )
-from fla_cp.utils.configs import model_config_kwargs, preset_help, resolved_model_config
+from fla_cp.utils.configs import build_config, causal_lm_class, preset_help, resolved_model_config
 from fla_cp.utils.dist import cleanup_distributed, init_distributed
 from fla_cp.utils.memory import fmt_bytes, peak_memory_bytes
 from fla_cp.utils.metrics_log import MetricsLog
@@ -98,6 +119,9 @@ def get_args(argv=None):
                         f"{'/'.join(DATA_SUFFIXES)} files (default: Python stdlib sources)")
     p.add_argument("--tokenizer", default="byte", help="'byte' or a local Hugging Face tokenizer directory")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="FSDP2 over all dp x cp ranks: parameters, gradients and optimizer state sharded; "
+                        "sharded (torch.distributed.checkpoint) checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_dir", default=None, help="checkpoints go to save_dir/step_XXXXXXX")
     p.add_argument("--save_every", type=non_negative_int, default=0,
@@ -227,18 +251,23 @@ def set_special_tokens(model, tokenizer) -> None:
     model.generation_config.pad_token_id = tokenizer.eos_token_id if pad is None else pad
 
 
-def build(args, info, mesh, tokenizer, ckpt):
-    if ckpt is not None:
-        model = GatedDeltaNetCPForCausalLM.from_pretrained(ckpt, cp_size=args.cp_size, cp_layout=args.cp_layout,
-                                                           device_mesh=mesh)
+def build(args, info, mesh, tokenizer, ckpt, ckpt_format=None):
+    """The model (on `info.device`, fp32, identical on every rank; sharded with --fsdp) and its optimizer.
+    From a "full" checkpoint the weights come with `from_pretrained`; a "dcp" checkpoint's are loaded
+    later (`load_model_and_optimizer`) into a model built as for a fresh run."""
+    # FLA's GatedDeltaNet or transformers' Qwen3.5 / Qwen3.5-MoE / Qwen3-Next: the config names the family
+    config = build_config(args.model_config, tokenizer.vocab_size, cp_size=args.cp_size, cp_layout=args.cp_layout)
+    model_class = causal_lm_class(config)
+    if ckpt is not None and ckpt_format == "full":
+        model = model_class.from_pretrained(ckpt, cp_size=args.cp_size, cp_layout=args.cp_layout, device_mesh=mesh)
     else:
-        config = GatedDeltaNetCPConfig(**model_config_kwargs(args.model_config, tokenizer.vocab_size),
-                                       cp_size=args.cp_size, cp_layout=args.cp_layout)
-        model = GatedDeltaNetCPForCausalLM(config, device_mesh=mesh)
+        model = model_class(config, device_mesh=mesh)
     set_special_tokens(model, tokenizer)
     model = model.to(device=info.device, dtype=torch.float32)
     for p in model.parameters():        # identical start on every rank, whatever the init RNG did
         dist.broadcast(p.data, src=0)
+    if args.fsdp:                       # before the optimizer: it must hold the sharded parameters
+        apply_fsdp2(model, mesh)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -295,9 +324,9 @@ def main(argv=None) -> int:
             cleanup_distributed(info)
             return 0
     torch.manual_seed(args.seed)
-    model, opt = build(args, info, mesh, tokenizer, ckpt)
+    model, opt = build(args, info, mesh, tokenizer, ckpt, checkpoint_format(state) if ckpt is not None else None)
     if ckpt is not None:
-        opt.load_state_dict(state["optimizer"])
+        load_model_and_optimizer(ckpt, state, model, opt)
         packer.load_state_dict(state["data"])
         if rng is not None:
             set_rng_state(rng)
@@ -312,8 +341,9 @@ def main(argv=None) -> int:
 
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_step = args.seq_len * args.batch_size * dp_size
+    sharding = f" (FSDP2 over {info.world_size} rank{'s' * (info.world_size > 1)})" if args.fsdp else ""
     if info.is_main:
-        print(f"world {info.world_size} = dp {dp_size} x cp {args.cp_size} | backend {info.backend}"
+        print(f"world {info.world_size} = dp {dp_size} x cp {args.cp_size}{sharding} | backend {info.backend}"
               f" | device {info.device} | {n_params / 1e6:.2f}M params"
               f" | corpus {packer.corpus.name} ({len(packer.corpus)} docs)"
               f" | tokenizer {tokenizer.name} | {tokens_per_step} tokens/step"
@@ -341,7 +371,8 @@ def main(argv=None) -> int:
         with amp:
             out = model(input_ids=batch.input_ids, labels=batch.labels, cu_seqlens=batch.cu_seqlens)
         out.loss.backward()
-        sync_gradients(model)
+        if not args.fsdp:               # FSDP2 reduce-scatters the gradients itself (sum over CP, mean over DP)
+            sync_gradients(model)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()

@@ -337,7 +337,7 @@ def test_errors_single_process():
 def test_config_picks_the_kernels(monkeypatch):
     """backend goes from the config (and from_pretrained's kwargs, over the saved one) to every layer:
     the operator is called with the configured backend, and backend="triton" reaches the conv."""
-    import fla_cp.layers.gated_deltanet_cp as layer_module
+    import fla_cp.layers.gated_delta_cp as layer_module     # the CP forward every GDN layer runs
     seen, real = [], layer_module.chunk_cp_gated_delta_rule
 
     def spy(*args, backend="auto", **kwargs):
