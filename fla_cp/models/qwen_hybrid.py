@@ -26,7 +26,6 @@ import copy
 import sys
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache
@@ -200,19 +199,18 @@ class QwenCPTextModelMixin(QwenCPPreTrainedMixin):
             use_cache = self.config.use_cache and not self.training
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        if attention_mask is not None and (not torch.is_tensor(attention_mask) or attention_mask.dim() != 2):
-            got = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
-            raise ValueError(f"{self._cp_who()}: attention_mask must be a [B, T] 0/1 padding mask (the layers "
-                             f"build their causal / per-document masks), got {got}")
-        for name in ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw"):
-            if kwargs.get(name) is not None:
-                raise ValueError(f"{self._cp_who()}: {name}: vision inputs are not supported (text models)")
-        # whether this call records router logits: with the causal LM's load-balancing loss, a collective
-        # (`_forward_fields`)
-        self._cp_router_call = bool(kwargs.get("output_router_logits"))
+        # this family's own input errors and what they follow from go into the forward's cross-rank check
+        # (`_forward_fields`): under CP one rank's bad input raises on every rank, never a hang
+        error = self._family_input_error(input_ids, inputs_embeds, attention_mask, position_ids,
+                                         inputs_are_sharded, kwargs)
+        self._cp_call_fields = [bool(kwargs.get("output_router_logits")),
+                                *(tuple(position_ids.shape) if torch.is_tensor(position_ids) else (-1,))][:5]
+        if error and self.cp_size == 1:
+            raise ValueError(f"{type(self).__name__}: {error}")
         hidden_states, cp, cu_seqlens = self.cp_enter(
             input_ids, inputs_embeds, attention_mask=attention_mask, cu_seqlens=cu_seqlens, past_key_values=cache,
-            use_cache=use_cache, inputs_are_sharded=inputs_are_sharded, cp_context=cp_context, loss_args=_cp_loss)
+            use_cache=use_cache, inputs_are_sharded=inputs_are_sharded, cp_context=cp_context, loss_args=_cp_loss,
+            extra_error=error)
         position_ids = self._cp_positions(position_ids, hidden_states, cp, cu_seqlens, cache, inputs_are_sharded)
         out = super().forward(
             inputs_embeds=hidden_states, attention_mask={"full_attention": attention_mask,
@@ -224,11 +222,26 @@ class QwenCPTextModelMixin(QwenCPPreTrainedMixin):
         out.cp_context = cp
         return out if return_dict is not False else out.to_tuple()
 
-    def _cp_who(self) -> str:
-        """The class, and the rank under CP, for the messages of errors found before the forward's check."""
-        if self.cp_size == 1:
-            return type(self).__name__
-        return f"{type(self).__name__}: rank {dist.get_rank(self.cp_group)}"
+    @staticmethod
+    def _family_input_error(input_ids, inputs_embeds, attention_mask, position_ids, inputs_are_sharded,
+                            kwargs) -> str | None:
+        """What is wrong with this call's own inputs (beyond `cp_enter`'s checks), or None. Local, free."""
+        if attention_mask is not None and (not torch.is_tensor(attention_mask) or attention_mask.dim() != 2):
+            got = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
+            return (f"attention_mask must be a [B, T] 0/1 padding mask (the layers build their causal / "
+                    f"per-document masks), got {got}")
+        for name in ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw"):
+            if kwargs.get(name) is not None:
+                return f"{name}: vision inputs are not supported (text models)"
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        if position_ids is not None and torch.is_tensor(inputs) and inputs.dim() >= 2:
+            T = inputs.shape[1]
+            if not torch.is_tensor(position_ids) or position_ids.dim() not in (2, 3) or position_ids.shape[-1] != T:
+                got = tuple(position_ids.shape) if torch.is_tensor(position_ids) else type(position_ids).__name__
+                what = "this rank's shard" if inputs_are_sharded else "the call's tokens"
+                return (f"position_ids has shape {got}, expected [B, {T}] (or [3 or 4, B, {T}]): one position "
+                        f"per token of {what}")
+        return None
 
     def _forward_fields(self, *args, **kwargs):
         """`CPModelMixin`'s agreement fields, plus the MoE router's: the causal LM's load-balancing loss
@@ -244,7 +257,8 @@ class QwenCPTextModelMixin(QwenCPPreTrainedMixin):
                 getattr(config, "num_experts", 0) or 0, getattr(config, "num_experts_per_tok", 0) or 0, moe_layers,
                 float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)]
         fields["MoE router (experts, per token, MoE layers, aux loss coefficient, router logits recorded)"] = \
-            static + [getattr(self, "_cp_router_call", False)]
+            static + self._cp_call_fields[:1]
+        fields["position_ids (shape; -1: none)"] = self._cp_call_fields[1:] + [0] * (5 - len(self._cp_call_fields))
         return fields, error
 
     def _cp_positions(self, position_ids, hidden_states, cp, cu_seqlens, cache, inputs_are_sharded):
@@ -254,9 +268,7 @@ class QwenCPTextModelMixin(QwenCPPreTrainedMixin):
         B, T = hidden_states.shape[:2]
         if position_ids is not None:
             if cp is not None and not inputs_are_sharded:
-                if position_ids.shape[-1] != cp.total_len:
-                    raise ValueError(f"{self._cp_who()}: position_ids has shape {tuple(position_ids.shape)}, "
-                                     f"expected {cp.total_len} positions (the call's tokens) along its last dim")
+                # (its length is checked, on every rank: `_family_input_error`)
                 position_ids = cp.shard(position_ids, dim=position_ids.dim() - 1)
             return position_ids
         ctx = cp

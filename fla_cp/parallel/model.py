@@ -181,7 +181,7 @@ class CPModelMixin:
 
     # ------------------------------------------------------------------ the forward's entry
     def cp_enter(self, input_ids, inputs_embeds, *, attention_mask=None, cu_seqlens=None, past_key_values=None,
-                 use_cache=False, inputs_are_sharded=False, cp_context=None, loss_args=None):
+                 use_cache=False, inputs_are_sharded=False, cp_context=None, loss_args=None, extra_error=None):
         """(this rank's input hidden states `[B, T_loc, D]`, the call's `CPContext` or None, `cu_seqlens`
         as a tensor): the split, the sharded and embedded inputs, after the call's cross-rank check.
 
@@ -190,6 +190,7 @@ class CPModelMixin:
         on every CP rank when any rank found bad input (this rank's split, its shard, its ids, labels,
         mask or cache) or the ranks disagree (decode vs prefill, split, batch, mask, labels, ...).
         `loss_args`: what the causal-LM head will do with the output (labels, ...), checked with it.
+        `extra_error`: what the family's forward found wrong with its own inputs (raised on every rank).
         Policy and protocol: docs/DESIGN.md §13."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("specify exactly one of input_ids or inputs_embeds")
@@ -208,7 +209,7 @@ class CPModelMixin:
 
         # No collective before the check: an error found on one rank must reach every rank.
         cp, error = self._cp_split(input_ids, inputs_embeds, cu_seqlens, inputs_are_sharded, cp_context)
-        error = error or self._shard_error(input_ids, inputs_embeds, cp, inputs_are_sharded)
+        error = extra_error or error or self._shard_error(input_ids, inputs_embeds, cp, inputs_are_sharded)
         fields, loss_error = self._forward_fields(inputs, input_ids, inputs_embeds, cp, cp_context, attention_mask,
                                                   use_cache, past_key_values, inputs_are_sharded, cu_seqlens,
                                                   loss_args, content=False)
