@@ -28,11 +28,17 @@ if fla_cp.models.QWEN_FAMILIES_MISSING:
     pytest.skip(fla_cp.models.QWEN_FAMILIES_MISSING, allow_module_level=True)
 
 TOL = 1e-5
-# The per-head decay parameters' gradients (A_log, dt_bias) sum every token's contribution with heavy
-# cancellation: in fp32, transformers' own gradient is up to 9e-6 off an fp64 run of the same model
-# (measured, tiny configs here), so a CP split, which only reorders those sums, gets its own bound.
-TOL_DECAY = 1e-4
-DECAY_PARAMS = ("A_log", "dt_bias")
+# Gradients that sum every token's contribution with heavy cancellation get their own bounds, set from
+# a sweep (scripts/sweep_qwen_margins.py, 27 seeds at P=2, 4 at P=3 and 4; docs/RESULTS.md) against a
+# true fp64 run of transformers' model: the per-head decay parameters (A_log, dt_bias) and the projection
+# into the decay (in_proj_a), where transformers' own fp32 gradient is up to 5.3e-5 off fp64 and CP's
+# up to 7e-5 (worst CP vs transformers 8.9e-5); the MoE router's weights (gradients through top-k
+# routing: transformers' fp32 4.3e-6 off fp64, CP vs transformers 3.4e-6). The CP split only reorders
+# these sums; everything else keeps TOL with at least 4x margin.
+TOL_DECAY = 3e-4
+DECAY_PARAMS = ("A_log", "dt_bias", "in_proj_a.weight")
+TOL_ROUTER = 2e-5
+ROUTER_PARAMS = ("mlp.gate.weight",)
 VOCAB = 96
 FAMILIES = ("qwen3_5", "qwen3_next", "qwen3_5_moe")
 # the weights' seed and an offset added to every data seed; scripts/sweep_qwen_margins.py varies them (in
@@ -264,7 +270,7 @@ def compare_training(got, ref, tag):
     assert rel_err(logits, rlogits) <= TOL, f"{tag}: logits {rel_err(logits, rlogits):.2e}"
     assert set(grads) == set(rgrads), f"{tag}: parameters with gradients differ: {set(grads) ^ set(rgrads)}"
     for n, rg in rgrads.items():
-        tol = TOL_DECAY if n.endswith(DECAY_PARAMS) else TOL
+        tol = TOL_DECAY if n.endswith(DECAY_PARAMS) else TOL_ROUTER if n.endswith(ROUTER_PARAMS) else TOL
         assert rel_err(grads[n], rg) <= tol, f"{tag}: grad of {n} {rel_err(grads[n], rg):.2e}"
 
 
