@@ -161,7 +161,8 @@ def reference():
 
 
 # world 4 spawns 4 ranks on CI's 2 cores: the slow run (`pytest -m slow`), for the default suite's time
-@pytest.mark.parametrize("world", [1, 2, 3, pytest.param(4, marks=pytest.mark.slow)])
+# world 3 and 4: the slow run (default suite time)
+@pytest.mark.parametrize("world", [1, 2, *(pytest.param(w, marks=pytest.mark.slow) for w in (3, 4))])
 def test_cached_generation_equals_full_recompute(reference, world):
     state, ref = reference
     outs = [_worker(0, 1, state)] if world == 1 else run_ranks(_worker, world, args=(state,), timeout=400)

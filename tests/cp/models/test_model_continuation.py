@@ -199,7 +199,8 @@ def _worker_through_cache(rank, world, state, layout):
     return _through_cache(make_model(state, cp_size=world, cp_layout=layout), sync_gradients)
 
 
-@pytest.mark.parametrize("world, layout", [(2, "contiguous"), (3, "zigzag")])
+# (3, zigzag): the slow run (default suite time)
+@pytest.mark.parametrize("world, layout", [(2, "contiguous"), pytest.param(3, "zigzag", marks=pytest.mark.slow)])
 def test_backprop_through_an_undetached_cache(state, world, layout):
     ref = _through_cache(make_model(state, cp_layout=layout), lambda m: None)
     for rank, res in enumerate(run_ranks(_worker_through_cache, world, args=(state, layout), timeout=300)):

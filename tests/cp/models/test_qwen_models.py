@@ -248,7 +248,10 @@ def _worker(rank, world, family, state):
     return res
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+# Qwen3.5-MoE is Qwen3.5's layers plus Qwen3-Next's MoE blocks, both in the default run: it runs in the
+# slow run (default suite time)
+@pytest.fixture(scope="module", params=[f if f != "qwen3_5_moe" else pytest.param(f, marks=pytest.mark.slow)
+                                        for f in FAMILIES])
 def reference(request):
     family = request.param
     model = reference_model(family).train()

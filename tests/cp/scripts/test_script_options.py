@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import benchmark_memory as bm                 # tests/cp is on sys.path (conftest.py)
+from fla_cp.utils.configs import model_config_kwargs
 import test_numerical_correctness as nc
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -63,9 +64,9 @@ def test_benchmark_memory_reduction_only_against_the_same_settings(tmp_path, cap
 
     # the same JSON file name, edited between the runs
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({**bm.model_config_kwargs("tiny", 257), "hidden_size": 64}))
+    config.write_text(json.dumps({**model_config_kwargs("tiny", 257), "hidden_size": 64}))
     save(fake_run(1, ["--model_config", str(config)], 4000), tmp_path)
-    config.write_text(json.dumps({**bm.model_config_kwargs("tiny", 257), "hidden_size": 128}))
+    config.write_text(json.dumps({**model_config_kwargs("tiny", 257), "hidden_size": 128}))
     _, note = bm.load_baseline(tmp_path, fake_run(2, ["--model_config", str(config)], 2000))
     assert "model.hidden_size 64 vs 128" in note
 
@@ -320,12 +321,7 @@ def test_hybrid_presets_are_3_to_1_with_integer_attention_head_dims():
     """Every hybrid preset: the widths of its GDN preset, attention on layers 3, 7, ... (3:1), GQA with
     hidden_size / num_heads an integer; one preset mixes windowed and full attention layers; the resolved
     config (what a resume compares) holds attn and survives JSON."""
-    from fla_cp.utils.configs import (
-        PRESETS,
-        model_config_kwargs,
-        preset_help,
-        resolved_model_config,
-    )
+    from fla_cp.utils.configs import PRESETS, preset_help, resolved_model_config
     hybrids = [name for name in PRESETS if name.startswith("hybrid-")]
     assert {"hybrid-tiny", "hybrid-small", "hybrid-base"} <= set(hybrids) and preset_help() == "|".join(PRESETS)
     windows = set()
@@ -368,13 +364,13 @@ def test_benchmark_memory_splits_a_hybrids_activations_by_layer_kind(tmp_path, c
     bm.print_table(fake_run(2, ["--model_config", "tiny"], 2000), None)
     assert "by layer kind" not in capsys.readouterr().out
 
-    model = GatedDeltaNetCPForCausalLM(GatedDeltaNetCPConfig(**bm.model_config_kwargs("hybrid-tiny", 257)))
+    model = GatedDeltaNetCPForCausalLM(GatedDeltaNetCPConfig(**model_config_kwargs("hybrid-tiny", 257)))
     assert bm.layer_kinds(model) == ["gdn", "gdn", "gdn", "attn"]
     # hybrid-tiny's attention: Hkv=1, head_dim 32: K and V are 64 values per token
     assert bm.kv_gather_bytes(model, 2, 1024, 2, "contiguous", 4) == 2 * 1024 * 64 * 4
     assert bm.kv_gather_bytes(model, 2, 1024, 1, "contiguous", 4) == 0
     windowed = GatedDeltaNetCPForCausalLM(GatedDeltaNetCPConfig(**{
-        **bm.model_config_kwargs("hybrid-tiny", 257), "attn": {"layers": [3], "num_heads": 2, "num_kv_heads": 1,
+        **model_config_kwargs("hybrid-tiny", 257), "attn": {"layers": [3], "num_heads": 2, "num_kv_heads": 1,
                                                               "window_size": 16}}))
     assert bm.kv_gather_bytes(windowed, 1, 1024, 4, "zigzag", 2) == (4 * 2 * 15 + 1) * 64 * 2
 

@@ -157,6 +157,7 @@ def test_bench_fsdp_memory_tiny_world4(tmp_path):
         assert max(r["fsdp2_total_per_rank"]) == r["fsdp2_total"]
 
 
+@pytest.mark.slow
 def test_qwen3_5_trains_with_fsdp_and_resumes_exactly(tmp_path):
     """transformers' Qwen3.5 (preset qwen3_5-tiny) through the training script at CP=2: --fsdp trains the
     replicated run's losses, a sharded checkpoint resumes bit for bit, and the checkpoint directory is a
