@@ -8,8 +8,8 @@ parameters, same init) and one of these mixins, which replace `forward`:
 - `QwenGatedDeltaNetCPMixin`: the GDN through `GatedDeltaCPMixin` (conv halo over transformers'
   `[q | k | v]` conv channels, the CP operator with in-kernel l2norm, gates as transformers computes
   them: `beta = sigmoid(b)`, `g = -exp(A_log) * softplus(a + dt_bias)` in fp32), transformers' own
-  `RMSNormGated` and `out_proj`. The family supplies `_cp_project` (its projections). States live in
-  transformers' `DynamicCache` (`LinearAttentionLayer`: `conv_states[0]` `[B, C, W]` = the last W conv
+  `RMSNormGated` and `out_proj`; `_cp_project` is Qwen3.5's projections (Qwen3-Next overrides it).
+  States live in transformers' `DynamicCache` (`LinearAttentionLayer`: `conv_states[0]` `[B, C, W]` = the last W conv
   inputs, `recurrent_states[0]` `[B, HV, K, V]`), our layouts exactly.
 - `QwenGatedAttentionCPMixin`: transformers' q/gate split, q/k RMSNorm and (partial) RoPE on this
   rank's tokens at the positions the model gives (global, per document), then `attention_cp`
@@ -33,7 +33,8 @@ from fla_cp.ops.chunk_cp import _single_process_context
 
 
 class QwenGatedDeltaNetCPMixin(GatedDeltaCPMixin):
-    """transformers' `*GatedDeltaNet.forward` under CP (module docstring); `_cp_project` comes from the family."""
+    """transformers' `*GatedDeltaNet.forward` under CP (module docstring). `_cp_project` is Qwen3.5's (and
+    Qwen3.5-MoE's) separate projections; Qwen3-Next's layer overrides it."""
 
     backend = "auto"        # set from the model config's `backend` by the model
 
@@ -86,6 +87,12 @@ class QwenGatedDeltaNetCPMixin(GatedDeltaCPMixin):
     def gdn_sizes(self) -> tuple[int, int, int, int, int, int]:
         return (self.hidden_size, self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim,
                 self.conv_kernel_size)
+
+    def _cp_project(self, hidden_states):
+        """Qwen3.5: conv channels `[q | k | v]` of `in_proj_qkv`; extras (z `[B, T, HV, V]`, b, a)."""
+        B, T, _ = hidden_states.shape
+        z = self.in_proj_z(hidden_states).reshape(B, T, -1, self.head_v_dim)
+        return self.in_proj_qkv(hidden_states), (z, self.in_proj_b(hidden_states), self.in_proj_a(hidden_states))
 
     def _cp_conv_params(self):
         # transformers' conv1d: depthwise [C, 1, W], no bias, the config's activation (silu)

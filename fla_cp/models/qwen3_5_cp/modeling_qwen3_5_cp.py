@@ -20,11 +20,6 @@ from fla_cp.models.qwen_hybrid import QwenCPForCausalLMMixin, QwenCPTextModelMix
 class Qwen3_5CPGatedDeltaNet(QwenGatedDeltaNetCPMixin, hf.Qwen3_5GatedDeltaNet):
     """`Qwen3_5GatedDeltaNet` under CP: separate projections, conv channels `[q | k | v]` of `in_proj_qkv`."""
 
-    def _cp_project(self, hidden_states):
-        B, T, _ = hidden_states.shape
-        z = self.in_proj_z(hidden_states).reshape(B, T, -1, self.head_v_dim)
-        return self.in_proj_qkv(hidden_states), (z, self.in_proj_b(hidden_states), self.in_proj_a(hidden_states))
-
 
 class Qwen3_5CPAttention(QwenGatedAttentionCPMixin, hf.Qwen3_5Attention):
     """`Qwen3_5Attention` under CP. Its multi-axis RoPE, given the text positions on all three axes (text

@@ -13,11 +13,6 @@ from fla_cp.models.qwen_hybrid import QwenCPForCausalLMMixin, QwenCPTextModelMix
 class Qwen3_5MoeCPGatedDeltaNet(QwenGatedDeltaNetCPMixin, hf.Qwen3_5MoeGatedDeltaNet):
     """`Qwen3_5MoeGatedDeltaNet` (Qwen3.5's) under CP."""
 
-    def _cp_project(self, hidden_states):
-        B, T, _ = hidden_states.shape
-        z = self.in_proj_z(hidden_states).reshape(B, T, -1, self.head_v_dim)
-        return self.in_proj_qkv(hidden_states), (z, self.in_proj_b(hidden_states), self.in_proj_a(hidden_states))
-
 
 class Qwen3_5MoeCPAttention(QwenGatedAttentionCPMixin, hf.Qwen3_5MoeAttention):
     _apply_rotary = staticmethod(hf.apply_rotary_pos_emb)
