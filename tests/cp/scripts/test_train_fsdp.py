@@ -158,14 +158,16 @@ def test_bench_fsdp_memory_tiny_world4(tmp_path):
 
 
 @pytest.mark.slow
-def test_qwen3_5_trains_with_fsdp_and_resumes_exactly(tmp_path):
-    """transformers' Qwen3.5 (preset qwen3_5-tiny) through the training script at CP=2: --fsdp trains the
+@pytest.mark.parametrize("preset, model_type, hf_class", [("qwen3_5-tiny", "qwen3_5_text", "Qwen3_5ForCausalLM"),
+                                                          ("qwen3_next-tiny", "qwen3_next", "Qwen3NextForCausalLM")])
+def test_qwen_trains_with_fsdp_and_resumes_exactly(tmp_path, preset, model_type, hf_class):
+    """transformers' Qwen3.5 and Qwen3-Next (MoE) through the training script at CP=2: --fsdp trains the
     replicated run's losses, a sharded checkpoint resumes bit for bit, and the checkpoint directory is a
     transformers checkpoint (transformers' own class loads it; no CP field in its config.json)."""
     import fla_cp.models
     if fla_cp.models.QWEN_FAMILIES_MISSING:
         pytest.skip(fla_cp.models.QWEN_FAMILIES_MISSING)
-    args = TRAIN_ARGS + ["--cp_size", "2", "--model_config", "qwen3_5-tiny"]
+    args = TRAIN_ARGS + ["--cp_size", "2", "--model_config", preset]
     rep, full, cut = (tmp_path / n for n in ("rep", "full", "cut"))
     _run(2, [args + ["--save_dir", str(rep)],
              args + ["--fsdp", "--save_dir", str(full)],
@@ -177,9 +179,9 @@ def test_qwen3_5_trains_with_fsdp_and_resumes_exactly(tmp_path):
     assert _losses(cut) == sharded, f"resumed {_losses(cut)}\nuninterrupted {sharded}"
     ckpt = full / "step_0000006"
     config = json.loads((ckpt / "config.json").read_text())
-    assert config["model_type"] == "qwen3_5_text" and not {"cp_size", "cp_layout", "backend"} & set(config)
-    from transformers import Qwen3_5ForCausalLM
+    assert config["model_type"] == model_type and not {"cp_size", "cp_layout", "backend"} & set(config)
+    import transformers
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, info = Qwen3_5ForCausalLM.from_pretrained(ckpt, output_loading_info=True)
+        model, info = getattr(transformers, hf_class).from_pretrained(ckpt, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
