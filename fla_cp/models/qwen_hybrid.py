@@ -203,6 +203,12 @@ class QwenCPTextModelMixin(QwenCPPreTrainedMixin):
         # (`_forward_fields`): under CP one rank's bad input raises on every rank, never a hang
         error = self._family_input_error(input_ids, inputs_embeds, attention_mask, position_ids,
                                          inputs_are_sharded, kwargs)
+        dropout = getattr(self.config, "attention_dropout", 0.0)
+        if error is None and self.training and dropout:
+            # transformers drops attention probabilities in training; attention_cp has no dropout: refused,
+            # not silently trained without it
+            error = (f"config.attention_dropout={dropout}: attention dropout is not supported (fla_cp's attention "
+                     f"applies none); set it to 0.0 (transformers' default) or run in eval mode")
         self._cp_call_fields = [bool(kwargs.get("output_router_logits")),
                                 *(tuple(position_ids.shape) if torch.is_tensor(position_ids) else (-1,))][:5]
         if error and self.cp_size == 1:

@@ -24,7 +24,8 @@ import torch
 
 import fla_cp  # noqa: F401  (registers the Auto classes)
 from tests.cp._dist import run_ranks
-from tests.cp.models.test_qwen_models import FAMILIES, classes, config_of, ids_of, reference_model, rel_err
+from tests.cp.models.test_qwen_models import (FAMILIES, classes, config_of, cp_model, ids_of, reference_model,
+                                             rel_err)
 
 TOL = 1e-5
 # a tiny vision tower for the VLM checkpoints (its weights are saved, never used by the text model)
@@ -299,3 +300,15 @@ def test_cp2_loading_and_bad_input(ckpts):
             msg = res[case]
             assert msg.startswith("ValueError") and names in msg and "differs between ranks" in msg, \
                 f"rank {rank}, {case}: {msg}"
+
+
+def test_attention_dropout_is_refused_in_training():
+    """transformers drops attention probabilities in training; fla_cp's attention has no dropout: a config
+    asking for it raises (naming it) instead of training without it; eval mode runs."""
+    model = cp_model("qwen3_5", reference_model("qwen3_5").state_dict())
+    model.config.attention_dropout = 0.1
+    ids = ids_of(1, 12, seed=0)
+    with pytest.raises(ValueError, match="attention_dropout"):
+        model.train()(input_ids=ids, labels=ids)
+    with torch.no_grad():
+        model.eval()(input_ids=ids, use_cache=False)
