@@ -105,8 +105,11 @@ KINDS = ["dense", "short", "packed", "left", "right"]
 # Their bound is derived instead, as "CP is as accurate as one process":
 #     err(CP vs float64) <= ratio * max(err(one process vs float64), floor)
 # Worst seen (scripts/sweep_margins.py, 4,000 A_log/dt_bias and 28,000 other samples): 4.8 of the
-# A_log/dt_bias floor's ratio (2x room under 10), 1.0 of the others' (4x room under 4).
-GRAD_BOUNDS = {"A_log": (10.0, 1e-5), "dt_bias": (10.0, 1e-5)}
+# A_log/dt_bias floor's ratio (2x room under 10), 1.0 of the others' (4x room under 4). A later CI run
+# (2026-12-05, P=3 contiguous dense, seed 238103447; the same on the code before that day's changes)
+# met CP 1.22e-4 against one process's lucky 1.65e-6: 12x the old 1e-5 floor, though within the spread
+# of one process's own error (up to 1.2e-4, above). The floor is that spread's scale, 3e-5 (4x room).
+GRAD_BOUNDS = {"A_log": (10.0, 3e-5), "dt_bias": (10.0, 3e-5)}
 GRAD_BOUND = (4.0, 3e-6)                 # (ratio, floor) of every other parameter gradient
 
 
@@ -132,8 +135,7 @@ def layer_overrides(P: int) -> dict:
     return dict(allow_neg_eigval=(P == 3))
 
 
-# P = 4 spawns 4 ranks on CI's 2 cores: the slow run (`pytest -m slow`), for the default suite's time
-# P = 3 and 4 spawn 3-4 ranks on CI's 2 cores: the slow run (default suite time)
+# P = 3 and 4 spawn 3-4 ranks on CI's 2 cores: the slow run (`pytest -m slow`, default suite time)
 @pytest.mark.parametrize("P", [1, 2, *(pytest.param(P, marks=pytest.mark.slow) for P in (3, 4))])
 def test_layer_cp_matches_single_process(P):
     """Output and input gradient: CP vs one process <= TOL. Parameter gradients: CP's error against the
