@@ -1,0 +1,84 @@
+"""`CPTrainer`: torchtitan's Trainer with fla_cp's batch split (no torchtitan code edited).
+
+The only change to the training step is `post_dataloading_process`, torchtitan's documented hook between
+the data loader and the model: instead of torchtitan's CP sharding (head-tail per row, BlockMask masks
+only) it flattens the `[B, L]` batch into one packed row, takes the documents from `positions`, splits the
+row with fla_cp's `CPContext` (`cp_layout`), and hands the layers a `CPBatch` through the
+`attention_masks` dict (`batch.py`). Everything else is torchtitan's: the loss is each rank's token-sum
+over the global valid-token count (counted before the split), FSDP sums gradients over dp_shard × cp,
+clipping takes the global norm, and the logged loss is summed over the loss mesh. So any layout is exact.
+
+Extra settings (CLI flags, e.g. `--cp_layout contiguous`): `cp_layout`, `metrics_file` (rank 0 appends one
+JSON line per logged step: step, loss, grad_norm; the exactness checks read it).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from torchtitan.trainer import Trainer
+
+from fla_cp import checks
+from fla_cp.integrations.torchtitan.batch import build_cp_batch, shard_rows
+from fla_cp.integrations.torchtitan.cpu import apply_cpu_shims
+from fla_cp.ops.context import LAYOUTS
+
+
+class CPTrainer(Trainer):
+    @dataclass(kw_only=True, slots=True)
+    class Config(Trainer.Config):
+        cp_layout: str = "zigzag"
+        """How fla_cp splits the packed batch over the CP group: "zigzag" (balanced causal work) or "contiguous"."""
+
+        metrics_file: str = ""
+        """If set, rank 0 appends {"step", "loss", "grad_norm"} as one JSON line per logged step."""
+
+    def __init__(self, config: Config):
+        if config.cp_layout not in LAYOUTS:
+            raise ValueError(f"CPTrainer: --cp_layout must be one of {LAYOUTS}, got {config.cp_layout!r}")
+        if config.validator.enable:
+            raise ValueError("CPTrainer: --validator.enable is not supported: torchtitan's Validator shards "
+                             "batches with its own CP code, which can't split GatedDeltaNet layers")
+        apply_cpu_shims()
+        super().__init__(config)
+        self._agreed = checks.AgreedSignatures()
+        if config.metrics_file and torch.distributed.get_rank() == 0:
+            self._log_metrics_to(config.metrics_file)
+
+    def post_dataloading_process(self, input_dict, labels):
+        inputs = input_dict["input"]
+        others = sorted(k for k in input_dict if k not in ("input", "positions"))
+        if others:
+            raise ValueError(f"CPTrainer: batch keys {others} are not supported; text batches carry 'input' "
+                             f"and 'positions' (per-document positions, 0 at each document start)")
+        B, L = inputs.shape
+        positions = input_dict.get("positions")
+        if positions is None:        # every row is one document
+            positions = torch.arange(L, device=inputs.device).expand(B, L)
+        elif positions.shape != inputs.shape:
+            raise ValueError(f"CPTrainer: positions {tuple(positions.shape)} must match input {tuple(inputs.shape)}")
+
+        group = self.parallel_dims.get_mesh("cp").get_group() if self.parallel_dims.cp_enabled else None
+        # every rank of a CP group loads the same batch; its split is checked once per batch shape
+        # (FLA_CP_DEBUG=1: every step), like fla_cp's other checks
+        signature = (B, L, self.config.cp_layout)
+        verify = group is not None and self._agreed.needs_check("torchtitan batch", group, signature)
+        batch = build_cp_batch(positions, group, self.config.cp_layout, verify_agreement=verify)
+        if verify:
+            self._agreed.agreed("torchtitan batch", group, signature)
+
+        inputs, labels, positions = (shard_rows(t, batch) for t in (inputs, labels, positions))
+        self.ntokens_seen += labels.numel()
+        return inputs, labels, {"positions": positions, "attention_masks": batch.masks()}
+
+    def _log_metrics_to(self, path: str) -> None:
+        log = self.metrics_processor.log
+
+        def log_and_record(step, global_avg_loss, global_max_loss, grad_norm, *args, **kwargs):
+            with open(path, "a") as fh:
+                fh.write(json.dumps({"step": int(step), "loss": float(global_avg_loss),
+                                     "grad_norm": float(grad_norm)}) + "\n")
+            return log(step, global_avg_loss, global_max_loss, grad_norm, *args, **kwargs)
+
+        self.metrics_processor.log = log_and_record
