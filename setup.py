@@ -16,5 +16,13 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout"]},
+    extras_require={
+        "test": ["pytest", "pytest-timeout"],
+        # fla_cp.integrations.torchtitan: its Trainer internals and private model builders are used, so the
+        # release is pinned (docs/torchtitan.md)
+        # transformers>=5.25 too: without it pip fits torchtitan's `datasets<4.8` by taking datasets 4.7 (which caps
+        # huggingface-hub below 2) and backtracking transformers to 5.24, where fla_cp's Qwen families are missing;
+        # with it pip picks datasets 4.1.1, which works with huggingface-hub 2.4
+        "torchtitan": ["torchtitan==0.3.0", "transformers>=5.25"],
+    },
 )

@@ -4,8 +4,8 @@
                       CPU-sized, fp32, our packed local data (no downloads)
     qwen3_5_0_8b      torchtitan's Qwen3.5 0.8B flavor (text) for GPUs: bf16 mixed precision, torchtitan's
                       HF text data loader (c4) and the tokenizer in --hf_assets_path
-    gdn_tiny          fla_cp's GatedDeltaNet (FLA's architecture), 4 GDN layers
-    gdn_hybrid_tiny   the same with softmax-attention layers (FLA's `attn` config)
+    gdn_tiny          fla_cp's GatedDeltaNet (FLA's architecture), preset `tiny` (2 GDN layers, dim 64)
+    gdn_hybrid_tiny   preset `hybrid-tiny`: 3 GDN layers + 1 softmax-attention layer (FLA's `attn` config)
 
 Every config runs `CPTrainer` (fla_cp's batch split) and fla_cp's `parallelize_fn`. Without an accelerator the
 CPU shims are applied on import (`cpu.py`), and the configs pick the CPU settings listed there.
@@ -27,6 +27,7 @@ except ImportError as e:   # a RuntimeError: torchtitan's --module loader swallo
 
 from fla_cp.integrations.torchtitan.cpu import apply_cpu_shims, needs_cpu_shims
 from fla_cp.integrations.torchtitan.data import ByteTokenizer, PackedTextDataLoader
+from fla_cp.integrations.torchtitan.gated_deltanet import gdn_model_spec
 from fla_cp.integrations.torchtitan.qwen3_5 import qwen3_5_model_spec
 from fla_cp.integrations.torchtitan.trainer import CPTrainer
 
@@ -72,3 +73,13 @@ def qwen3_5_0_8b() -> CPTrainer.Config:
                            cpu_sized=False, tokenizer=HuggingFaceTokenizer.Config(),
                            dataloader=HuggingFaceTextDataLoader.Config(dataset="c4"),
                            hf_assets_path="./assets/hf/Qwen3.5-0.8B")
+
+
+def gdn_tiny() -> CPTrainer.Config:
+    return _trainer_config(gdn_model_spec("tiny"), seq_len=256, local_batch_size=2, steps=3, lr=1e-3,
+                           cpu_sized=True, **_cpu_data())
+
+
+def gdn_hybrid_tiny() -> CPTrainer.Config:
+    return _trainer_config(gdn_model_spec("hybrid-tiny"), seq_len=256, local_batch_size=2, steps=3, lr=1e-3,
+                           cpu_sized=True, **_cpu_data())

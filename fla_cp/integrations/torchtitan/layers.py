@@ -77,8 +77,15 @@ class CPGatedDeltaNet(GatedDeltaCPMixin, GatedDeltaNet):
         return self.out_proj(o.reshape(B, T, -1))
 
 
+def attention_backend(backend: str) -> str:
+    """The attention kernels' name for a model-wide `backend`: they have no "triton" (GDN's choice), so
+    that means "auto" for them, as in fla_cp's HF models."""
+    return "auto" if backend == "triton" else backend
+
+
 class CPInnerAttention(Module):
-    """Causal softmax attention within documents, exact under CP (`fla_cp.ops.attention_cp`).
+    """Causal softmax attention within documents, exact under CP (`fla_cp.ops.attention_cp`); with
+    `window_size` W a query at t sees keys t-W+1 .. t of its document.
 
     `q` `[1, T_loc, H, D]`, `k`, `v` `[1, T_loc, Hkv, D]` (GQA native) -> `[1, T_loc, H, D]`."""
 
@@ -87,12 +94,16 @@ class CPInnerAttention(Module):
         backend: str = "auto"
         """Each part's kernel: "auto" (flash-attn / SDPA on CUDA, torch on CPU), "torch", "sdpa", "flash"."""
 
+        window_size: int | None = None
+        """Sliding window (FLA's `window_size`); None: full causal attention."""
+
     def __init__(self, config: Config):
         super().__init__()
         self.backend = config.backend
+        self.window_size = config.window_size
 
     def forward(self, q, k, v, *, attention_masks=None, scale=None, enable_gqa=False, **kwargs):
         batch = as_cp_batch(attention_masks, type(self).__name__)
-        return attention_cp(q, k, v, batch.cp, causal=True, scale=scale,
+        return attention_cp(q, k, v, batch.cp, causal=True, scale=scale, window_size=self.window_size,
                             cu_seqlens=batch.cu_seqlens if batch.cp is None else None,
                             backend=self.backend, verify_agreement=False)

@@ -19,7 +19,6 @@ replicated data parallelism (HSDP), and the `spmd_types` / `full_dtensor` SPMD b
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed.fsdp import apply_fsdp_to_decoder

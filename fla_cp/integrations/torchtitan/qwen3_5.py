@@ -24,7 +24,7 @@ from torchtitan.models.qwen3_5.vision_encoder import Qwen35VisionEncoder
 from torchtitan.protocols.model_spec import ModelSpec
 
 from fla_cp.integrations.torchtitan.batch import as_cp_batch
-from fla_cp.integrations.torchtitan.layers import CPGatedDeltaNet, CPInnerAttention
+from fla_cp.integrations.torchtitan.layers import CPGatedDeltaNet, CPInnerAttention, attention_backend
 
 
 class Qwen35TextModel(Qwen35Model):
@@ -78,7 +78,7 @@ def with_cp_layers(model_config: Qwen35Model.Config, backend: str = "auto") -> Q
             layer.delta_net = _replace_config(layer.delta_net, CPGatedDeltaNet.Config, backend=backend)
         if layer.attention is not None:
             layer.attention = dataclasses.replace(layer.attention,
-                                                  inner_attention=CPInnerAttention.Config(backend=backend))
+                                                  inner_attention=CPInnerAttention.Config(backend=attention_backend(backend)))
         layers.append(layer)
     return _replace_config(model_config, Qwen35TextModel.Config, layers=layers, vision_encoder=None)
 

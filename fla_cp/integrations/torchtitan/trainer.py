@@ -34,6 +34,14 @@ class CPTrainer(Trainer):
         metrics_file: str = ""
         """If set, rank 0 appends {"step", "loss", "grad_norm"} as one JSON line per logged step."""
 
+        hf_config: str = ""
+        """A checkpoint directory (or its config.json): the model takes its architecture (transformers' Qwen3.5,
+        or FLA's GatedDeltaNet) instead of the config's flavor. Load its weights with
+        --checkpoint.initial_load_path <dir> --checkpoint.initial_load_in_hf."""
+
+        cp_backend: str = "auto"
+        """The CP modules' kernels with --hf_config: "auto" (Triton / flash-attn on CUDA, torch on CPU), "torch"."""
+
     def __init__(self, config: Config):
         if config.cp_layout not in LAYOUTS:
             raise ValueError(f"CPTrainer: --cp_layout must be one of {LAYOUTS}, got {config.cp_layout!r}")
@@ -41,10 +49,21 @@ class CPTrainer(Trainer):
             raise ValueError("CPTrainer: --validator.enable is not supported: torchtitan's Validator shards "
                              "batches with its own CP code, which can't split GatedDeltaNet layers")
         apply_cpu_shims()
+        if config.hf_config:
+            self._use_hf_architecture(config)
         super().__init__(config)
         self._agreed = checks.AgreedSignatures()
         if config.metrics_file and torch.distributed.get_rank() == 0:
             self._log_metrics_to(config.metrics_file)
+
+    @staticmethod
+    def _use_hf_architecture(config: Config) -> None:
+        """`--hf_config`: the model spec for the checkpoint's architecture (before torchtitan reads the spec)."""
+        from fla_cp.integrations.torchtitan.hf_config import model_spec_from_hf
+        config.model_spec = model_spec_from_hf(config.hf_config, backend=config.cp_backend)
+        loss_fn = getattr(config.loss, "loss_fn", config.loss)        # ChunkedLossWrapper's, or the loss itself
+        if hasattr(loss_fn, "global_vocab_size"):
+            loss_fn.global_vocab_size = config.model_spec.model.vocab_size
 
     def post_dataloading_process(self, input_dict, labels):
         inputs = input_dict["input"]
