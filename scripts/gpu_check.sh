@@ -7,8 +7,9 @@
 #   scripts/gpu_check.sh model     # 4: numerical check, FLA loss kernels, training, memory on CUDA (step limits 9 min)
 #   scripts/gpu_check.sh attention # 4b: attention kernels, hybrid model CP vs one process (limits 7 min)
 #   scripts/gpu_check.sh qwen      # 4c: transformers' Qwen3.5 / Qwen3-Next under CP vs transformers (limits 6 min)
+#   scripts/gpu_check.sh torchtitan # 4d: the torchtitan plugin on the GPU vs on the CPU (limit 6 min)
 #   scripts/gpu_check.sh bench     # 5: scripts/bench_op.py                       (limit 9 min)
-#   scripts/gpu_check.sh           # all five
+#   scripts/gpu_check.sh           # all six
 #   BENCH_ARGS="--T 32768 --P 4 --shapes main" scripts/gpu_check.sh bench
 #
 # 1. FLA: install the wheels carried in .whl/ (no network on the GPU machine) unless FLA 0.6.0 is
@@ -42,6 +43,12 @@
 #    own model on CUDA (its GDN layers on FLA's kernels, attention on SDPA; ours on FLA's kernels and our
 #    Triton summaries, attention on flash-attn in bf16 when installed), one process and CP=2 (gloo ranks
 #    on the one GPU): loss, logits, gradients, greedy generation, fp32 (IEEE dots) and bf16.
+# 4d. The torchtitan plugin (scripts/torchtitan_check.sh, RUNS=gpu1): per config (torchtitan's Qwen3.5, our
+#    hybrid GatedDeltaNet) a seed checkpoint, then 2 steps of torchtitan's Trainer in one process on the GPU
+#    (FLA's Triton kernels, flash-attn / SDPA; fp32) against the same on the CPU, step 1 within 1e-4. One GPU
+#    can't hold a CP run (torchtitan gives each rank its own device): with 2 / 4 GPUs run
+#    `RUNS="cp2 dp2cp2" scripts/torchtitan_check.sh`. Needs torchtitan 0.3.0: carry its wheels with
+#    the others (`pip download torchtitan==0.3.0 "datasets==4.1.1" -d .whl`, dependencies included).
 # 5. scripts/bench_op.py: the per-rank cost table (BENCH_ARGS passed through), autotuned.
 # Every step has a time limit; the summary at the end says what passed.
 set -u
@@ -52,9 +59,9 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}   # the GPU image has p
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 BENCH_ARGS=${BENCH_ARGS:-}
-STEPS=${*:-op model attention qwen bench}
+STEPS=${*:-op model attention qwen torchtitan bench}
 for group in $STEPS; do
-  case $group in op|model|attention|qwen|bench) ;; *) echo "unknown group '$group' (op, model, attention, qwen, bench)"; exit 2 ;; esac
+  case $group in op|model|attention|qwen|torchtitan|bench) ;; *) echo "unknown group '$group' (op, model, attention, qwen, torchtitan, bench)"; exit 2 ;; esac
 done
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node=2"
@@ -158,6 +165,17 @@ if wants qwen; then
   run qwen_one_process 150 env TRITON_F32_DEFAULT=ieee $PY $PATCHED scripts/check_qwen_cuda.py
   run qwen_cp2 200 env TRITON_F32_DEFAULT=ieee $TORCHRUN $PATCHED scripts/check_qwen_cuda.py
   unset FLA_CP_AUTOTUNE
+fi
+
+# --- 4d. the torchtitan plugin --------------------------------------------------------------------
+if wants torchtitan; then
+  if $PY -c "import torchtitan" 2>/dev/null; then
+    run torchtitan_gpu1 360 env TRITON_F32_DEFAULT=ieee RUNS=gpu1 RTOL=1e-4 OUT="$OUT/torchtitan" \
+        bash scripts/torchtitan_check.sh qwen3_5_tiny gdn_hybrid_tiny
+  else
+    echo "torchtitan is not importable (carry its wheels in .whl/): skipping the torchtitan group"
+    NAMES+=("torchtitan_gpu1"); STATUS+=("SKIPPED"); TIMES+=("0s")
+  fi
 fi
 
 # --- 5. benchmark -------------------------------------------------------------------------------

@@ -10,10 +10,12 @@ Pieces (one job each):
     layers.py           CPGatedDeltaNet (torchtitan's Qwen3.5 GDN, CP forward), CPInnerAttention
     qwen3_5.py          torchtitan's Qwen3.5, text only, with the CP modules
     gated_deltanet.py   fla_cp's GatedDeltaNet (FLA's architecture, pure or hybrid) as a torchtitan model
-    state_dict.py       HF checkpoint adapters
+    state_dict.py       HF checkpoint adapters (Qwen3.5 text / VLM checkpoints, FLA GatedDeltaNet names)
+    hf_config.py        a model config from a checkpoint's config.json (`--hf_config`)
     parallelize.py      parallelize_fn: AC, compile of per-token parts, FSDP2 over dp_shard x cp
     data.py             byte tokenizer and packed local data (no downloads)
     cpu.py              the CPU / gloo shims (each named, applied only without an accelerator)
+    check.py            the exactness check (scripts/torchtitan_check.sh): CP runs vs one process
 
 Importing this package imports nothing from torchtitan; its modules need torchtitan installed.
 """

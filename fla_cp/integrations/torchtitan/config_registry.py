@@ -8,7 +8,8 @@
     gdn_hybrid_tiny   preset `hybrid-tiny`: 3 GDN layers + 1 softmax-attention layer (FLA's `attn` config)
 
 Every config runs `CPTrainer` (fla_cp's batch split) and fla_cp's `parallelize_fn`. Without an accelerator the
-CPU shims are applied on import (`cpu.py`), and the configs pick the CPU settings listed there.
+CPU shims are applied on import (`cpu.py`; the gloo reduction one in `parallelize_cp`), and the configs pick the
+settings listed there.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ except ImportError as e:   # a RuntimeError: torchtitan's --module loader swallo
     raise RuntimeError(f"fla_cp.integrations.torchtitan needs torchtitan 0.3.0: pip install 'fla_cp[torchtitan]' "
                        f"({type(e).__name__}: {e})") from e
 
-from fla_cp.integrations.torchtitan.cpu import apply_cpu_shims, needs_cpu_shims
+from fla_cp.integrations.torchtitan.cpu import apply_cpu_shims
 from fla_cp.integrations.torchtitan.data import ByteTokenizer, PackedTextDataLoader
 from fla_cp.integrations.torchtitan.gated_deltanet import gdn_model_spec
 from fla_cp.integrations.torchtitan.qwen3_5 import qwen3_5_model_spec
@@ -50,11 +51,11 @@ def _trainer_config(model_spec, *, seq_len: int, local_batch_size: int, steps: i
         **fields)
     # torchtitan's Validator shards with its own CP code; CPTrainer refuses it
     config.validator.enable = False
+    # the CP split is built on the host per batch: a CUDA graph would freeze the first one (CPTrainer insists)
+    config.training.disable_cuda_graphs = True
     if cpu_sized:
         config.training.mixed_precision_param = "float32"      # fp32 throughout: comparable to one process
         config.activation_checkpoint = None
-    if cpu_sized or needs_cpu_shims():
-        config.training.disable_cuda_graphs = True
     return config
 
 

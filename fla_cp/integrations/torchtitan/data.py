@@ -11,7 +11,8 @@ torchtitan's text loader does, in torchtitan's sample format:
 a piece's last token), so no label crosses a document. Unlike torchtitan's loader, the global batch is the
 same for any data-parallel degree: step s's `dp · B` sequences come from one stream and dp rank i takes
 sequences `[i·B, (i+1)·B)`, so one process with batch `dp · B` sees exactly what dp ranks see together.
-The stream position is the loader's checkpoint state (resumes exactly).
+The stream position is the loader's checkpoint state (resumes exactly). Every rank packs the whole global
+step (dp · B sequences) and keeps its rows: host work that grows with dp, cheap next to a training step.
 """
 from __future__ import annotations
 
@@ -97,8 +98,12 @@ class PackedTextDataLoader(ParallelAwareDataloader):
 
     def __init__(self, config: Config, *, dp_world_size: int, dp_rank: int, tokenizer, seq_len: int,
                  local_batch_size: int, snapshot_every_n_steps: int | None = 1, **kwargs):
+        if config.num_workers:
+            # workers would each run the packer over the same stream: the rows would repeat
+            raise ValueError(f"PackedTextDataLoader: --dataloader.num_workers must be 0, got {config.num_workers}")
         corpus = fla_cp_data.Corpus(config.dataset_path or None)
         dataset = PackedTextDataset(corpus, tokenizer, seq_len, local_batch_size, dp_rank, dp_world_size,
                                     seed=config.seed)
         super().__init__(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size, num_workers=0,
-                         batch_size=local_batch_size, snapshot_every_n_steps=snapshot_every_n_steps)
+                         pin_memory=config.pin_memory, batch_size=local_batch_size,
+                         snapshot_every_n_steps=snapshot_every_n_steps)

@@ -20,7 +20,7 @@ Every layer reads the batch's `CPBatch` (`batch.py`) from `attention_masks`: the
 `[1, T_loc]` row `CPTrainer` builds, and `positions` (each token's position in its document) for RoPE.
 On CPU the model runs the same ops in the same order as fla_cp's HF model: fp32 logits agree to rounding,
 bf16 ones bit for bit (tests/cp/integrations/test_torchtitan_gdn_model.py). Parameters are initialised as
-FLA initialises them; `GatedDeltaNetStateDictAdapter` maps FLA checkpoint keys (HF format) both ways.
+FLA initialises them; `state_dict.GatedDeltaNetStateDictAdapter` maps FLA checkpoint keys (HF format) both ways.
 
 Refused by `gdn_text_config` (ValueError naming the config field): `use_short_conv=False`, `use_gate=False`,
 `hidden_act` other than "swish", `attnres_block_size`, `use_l2warp`. Not read (no effect on the math):
@@ -29,7 +29,6 @@ Refused by `gdn_text_config` (ValueError naming the config field): `use_short_co
 from __future__ import annotations
 
 import math
-import re
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -42,7 +41,6 @@ from torchtitan.models.common.decoder import Decoder
 from torchtitan.models.qwen3_5.model import GatedDeltaKernel, RMSNormGated
 from torchtitan.protocols.model_spec import ModelSpec
 from torchtitan.protocols.module import Module
-from torchtitan.protocols.state_dict_adapter import StateDictAdapter
 
 from fla_cp.integrations.torchtitan.batch import as_cp_batch
 from fla_cp.integrations.torchtitan.layers import CPGatedDeltaNet, CPInnerAttention, attention_backend
@@ -391,70 +389,12 @@ def gdn_text_config(preset_or_config, backend: str = "auto",
         enable_weight_tying=bool(config.tie_word_embeddings), padding_idx=config.pad_token_id)
 
 
-def gdn_model_spec(preset: str, backend: str = "auto", vocab_size: int | None = None) -> ModelSpec:
-    """A torchtitan ModelSpec of preset `preset` (see `gdn_text_config`) with fla_cp's parallelize_fn and
-    the FLA checkpoint adapter."""
+def gdn_model_spec(preset, backend: str = "auto", vocab_size: int | None = None, name: str | None = None) -> ModelSpec:
+    """A torchtitan ModelSpec of `preset` (a preset name or an FLA config: see `gdn_text_config`) with fla_cp's
+    parallelize_fn and the FLA checkpoint adapter."""
     from fla_cp.integrations.torchtitan.parallelize import parallelize_cp
-    return ModelSpec(name="fla_cp_gated_deltanet", flavor=preset,
+    from fla_cp.integrations.torchtitan.state_dict import GatedDeltaNetStateDictAdapter
+    return ModelSpec(name="fla_cp_gated_deltanet", flavor=name or (preset if isinstance(preset, str) else "custom"),
                      model=gdn_text_config(preset, backend=backend, vocab_size=vocab_size),
                      parallelize_fn=parallelize_cp, pipelining_fn=None, post_optimizer_build_fn=None,
                      state_dict_adapter=GatedDeltaNetStateDictAdapter)
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-# FLA name -> torchtitan name, per submodule of a block (the first name after it; the rest is kept)
-_GDN_NAMES = {"q_proj": "in_proj_q", "k_proj": "in_proj_k", "v_proj": "in_proj_v", "g_proj": "in_proj_z",
-              "a_proj": "in_proj_a", "b_proj": "in_proj_b", "q_conv1d": "conv_q", "k_conv1d": "conv_k",
-              "v_conv1d": "conv_v", "o_norm": "norm", "o_proj": "out_proj", "A_log": "A_log", "dt_bias": "dt_bias"}
-_ATTN_NAMES = {name: name for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
-_MLP_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-_NORM_NAMES = {"weight": "weight"}
-_TOP_NAMES = {"model.embeddings.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-              "lm_head.weight": "lm_head.weight"}
-_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(attn|mlp|attn_norm|mlp_norm)\.([^.]+)(.*)")
-_TT_LAYER = re.compile(r"layers\.(\d+)\.(attn|mlp|attn_norm|mlp_norm)\.([^.]+)(.*)")
-
-
-class GatedDeltaNetStateDictAdapter(StateDictAdapter):
-    """FLA's GatedDeltaNet checkpoint keys (HF format: `model.embeddings.weight`, `model.layers.{i}.attn.*`,
-    `...attn_norm`, `...mlp.gate_proj`, `model.norm.weight`, `lm_head.weight`) <-> this model's. Tensors are
-    renamed only (no split or transpose). With tied embeddings a checkpoint holds the embedding alone, as
-    HF's `save_pretrained` writes it: `to_hf` drops `lm_head.weight`, `from_hf` fills it from the embedding."""
-
-    def __init__(self, model_config: GatedDeltaNetModel.Config, hf_assets_path: str | None):
-        super().__init__(model_config, hf_assets_path)
-        self.gdn_layers = {i for i, layer in enumerate(model_config.layers) if layer.delta_net is not None}
-        self.tied = model_config.enable_weight_tying
-
-    def _rename(self, key: str, to_hf: bool) -> str:
-        top = {tt: hf for hf, tt in _TOP_NAMES.items()} if to_hf else _TOP_NAMES
-        if key in top:
-            return top[key]
-        match = (_TT_LAYER if to_hf else _HF_LAYER).fullmatch(key)
-        if match is not None:
-            layer, part, name, rest = match.groups()
-            names = {"mlp": _MLP_NAMES, "attn_norm": _NORM_NAMES, "mlp_norm": _NORM_NAMES,
-                     "attn": _GDN_NAMES if int(layer) in self.gdn_layers else _ATTN_NAMES}[part]
-            if to_hf:
-                names = {tt: hf for hf, tt in names.items()}
-            if name in names:
-                return f"{'model.layers' if to_hf else 'layers'}.{layer}.{part}.{names[name]}{rest}"
-        raise ValueError(f"GatedDeltaNetStateDictAdapter: no {'FLA' if to_hf else 'torchtitan'} name for "
-                         f"{key!r} (a checkpoint of another architecture or config?)")
-
-    def to_hf(self, state_dict: dict) -> dict:
-        hf = {}
-        for key, value in state_dict.items():
-            if self.tied and key == "lm_head.weight":
-                if self.fqn_to_index_mapping:
-                    self.fqn_to_index_mapping.pop("lm_head.weight", None)
-                continue
-            hf[self._rename(key, to_hf=True)] = value
-        return hf
-
-    def from_hf(self, hf_state_dict: dict) -> dict:
-        state = {self._rename(key, to_hf=False): value for key, value in hf_state_dict.items()
-                 if not (self.tied and key == "lm_head.weight")}
-        if self.tied:
-            state["lm_head.weight"] = state["tok_embeddings.weight"]
-        return state

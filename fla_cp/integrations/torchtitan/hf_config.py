@@ -153,18 +153,14 @@ def model_spec_from_hf(source, backend: str = "auto"):
     the architecture of a checkpoint's config (`load_hf_config`'s `source`): transformers' Qwen3.5 (text or
     VLM; the text model) or FLA's / fla_cp's GatedDeltaNet (pure or hybrid). Its weights load with
     `--checkpoint.initial_load_path <dir> --checkpoint.initial_load_in_hf`."""
-    import dataclasses
-
     import fla_cp  # noqa: F401 - registers FLA's and fla_cp's GatedDeltaNet configs with AutoConfig
-    from fla_cp.integrations.torchtitan.gated_deltanet import gdn_model_spec, gdn_text_config
+    from fla_cp.integrations.torchtitan.gated_deltanet import gdn_model_spec
     from fla_cp.integrations.torchtitan.qwen3_5 import qwen3_5_model_spec
     config = load_hf_config(source)
     name = str(source) if isinstance(source, (str, os.PathLike)) else config.model_type
     if config.model_type in QWEN3_5_TYPES:
-        return dataclasses.replace(qwen3_5_model_spec("tiny", backend), flavor=name,
-                                   model=qwen3_5_config_from_hf(config, backend))
+        return qwen3_5_model_spec(qwen3_5_config_from_hf(config, backend), name=name)
     if config.model_type in GDN_TYPES:
-        return dataclasses.replace(gdn_model_spec("tiny", backend), flavor=name,
-                                   model=gdn_text_config(config, backend=backend))
+        return gdn_model_spec(config, backend=backend, name=name)
     raise ValueError(f"--hf_config {name}: model_type {config.model_type!r} is not one fla_cp's torchtitan plugin "
                      f"builds (transformers' {QWEN3_5_TYPES}, FLA's {GDN_TYPES})")

@@ -12,6 +12,7 @@ Both read the batch's `CPBatch` from the `attention_masks` torchtitan hands them
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -107,3 +108,20 @@ class CPInnerAttention(Module):
         return attention_cp(q, k, v, batch.cp, causal=True, scale=scale, window_size=self.window_size,
                             cu_seqlens=batch.cu_seqlens if batch.cp is None else None,
                             backend=self.backend, verify_agreement=False)
+
+
+def set_cp_backend(config, backend: str) -> None:
+    """Set the kernels of every CP module config inside a model config (nested dataclasses and lists), in place:
+    `backend` for `CPGatedDeltaNet`, `attention_backend(backend)` for `CPInnerAttention`."""
+    if isinstance(config, (list, tuple)):
+        for item in config:
+            set_cp_backend(item, backend)
+        return
+    if not dataclasses.is_dataclass(config):
+        return
+    if isinstance(config, CPGatedDeltaNet.Config):
+        config.backend = backend
+    elif isinstance(config, CPInnerAttention.Config):
+        config.backend = attention_backend(backend)
+    for field in dataclasses.fields(config):
+        set_cp_backend(getattr(config, field.name), backend)

@@ -72,7 +72,10 @@ def _replace_config(config, cls, **changes):
 def with_cp_layers(model_config: Qwen35Model.Config, backend: str = "auto") -> Qwen35TextModel.Config:
     """A copy of a torchtitan Qwen3.5 config with fla_cp's CP modules and no vision encoder."""
     layers = []
-    for layer in model_config.layers:
+    for i, layer in enumerate(model_config.layers):
+        if layer.moe is not None:
+            raise ValueError(f"layer {i} is MoE: torchtitan's Qwen3.5-MoE is not supported under fla_cp's CP yet "
+                             f"(docs/torchtitan.md, limits)")
         layer = dataclasses.replace(layer)
         if layer.delta_net is not None:
             layer.delta_net = _replace_config(layer.delta_net, CPGatedDeltaNet.Config, backend=backend)
@@ -100,7 +103,9 @@ def _tiny(attn_backend: str = "flex") -> Qwen35Model.Config:
     )
 
 
-FLAVORS = {"tiny": _tiny, **tt_qwen3_5.qwen3_5_configs}
+# torchtitan's dense flavors (its MoE ones are refused by with_cp_layers)
+FLAVORS = {"tiny": _tiny, **{name: build for name, build in tt_qwen3_5.qwen3_5_configs.items()
+                             if "moe" not in name and "-A" not in name}}
 
 
 def qwen3_5_text_config(flavor: str, backend: str = "auto") -> Qwen35TextModel.Config:
@@ -109,11 +114,13 @@ def qwen3_5_text_config(flavor: str, backend: str = "auto") -> Qwen35TextModel.C
     return with_cp_layers(FLAVORS[flavor](attn_backend="flex"), backend=backend)
 
 
-def qwen3_5_model_spec(flavor: str, backend: str = "auto") -> ModelSpec:
-    """torchtitan's Qwen3.5 ModelSpec with the CP modules, fla_cp's parallelize_fn and a text-only adapter."""
+def qwen3_5_model_spec(flavor, backend: str = "auto", name: str | None = None) -> ModelSpec:
+    """torchtitan's Qwen3.5 ModelSpec with the CP modules, fla_cp's parallelize_fn and a text-only adapter.
+    `flavor`: a name of `FLAVORS`, or a `Qwen35TextModel.Config` (then `name` names it)."""
     from fla_cp.integrations.torchtitan.parallelize import parallelize_cp
     from fla_cp.integrations.torchtitan.state_dict import Qwen35TextStateDictAdapter
+    model = qwen3_5_text_config(flavor, backend) if isinstance(flavor, str) else flavor
     base = tt_qwen3_5.model_registry("debugmodel")
-    return dataclasses.replace(base, flavor=flavor, model=qwen3_5_text_config(flavor, backend),
+    return dataclasses.replace(base, flavor=name or (flavor if isinstance(flavor, str) else "custom"), model=model,
                                parallelize_fn=parallelize_cp, pipelining_fn=None,
                                state_dict_adapter=Qwen35TextStateDictAdapter)

@@ -1,4 +1,7 @@
-"""HF checkpoint adapter for torchtitan's Qwen3.5 text model (`Qwen35TextModel`, qwen3_5.py).
+"""HF checkpoint adapters: torchtitan's Qwen3.5 text model (`Qwen35TextModel`, qwen3_5.py) and fla_cp's
+GatedDeltaNet (gated_deltanet.py, FLA's checkpoint names).
+
+Qwen3.5:
 
 torchtitan's `Qwen35StateDictAdapter` converts the VLM's names (`model.language_model.*`, `model.visual.*`)
 and the fused tensors (GatedDeltaNet `in_proj_qkv` / `conv1d`, MoE `gate_up_proj`). The text model needs
@@ -17,9 +20,11 @@ three changes on top, all here:
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 from torchtitan.models.qwen3_5.state_dict_adapter import Qwen35StateDictAdapter
+from torchtitan.protocols.state_dict_adapter import StateDictAdapter
 from torchtitan.tools.logging import logger
 
 VLM_PREFIX = "model.language_model."
@@ -102,3 +107,62 @@ class Qwen35TextStateDictAdapter(Qwen35StateDictAdapter):
         if from_quantized:
             logger.warning("Loading from quantized checkpoint format is not supported for this model.")
         return TextCheckpointReader(path)
+
+
+# ------------------------------------------------------------------------------ FLA GatedDeltaNet
+# FLA name -> torchtitan name, per submodule of a block (the first name after it; the rest is kept)
+_GDN_NAMES = {"q_proj": "in_proj_q", "k_proj": "in_proj_k", "v_proj": "in_proj_v", "g_proj": "in_proj_z",
+              "a_proj": "in_proj_a", "b_proj": "in_proj_b", "q_conv1d": "conv_q", "k_conv1d": "conv_k",
+              "v_conv1d": "conv_v", "o_norm": "norm", "o_proj": "out_proj", "A_log": "A_log", "dt_bias": "dt_bias"}
+_ATTN_NAMES = {name: name for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+_MLP_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+_NORM_NAMES = {"weight": "weight"}
+_TOP_NAMES = {"model.embeddings.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+              "lm_head.weight": "lm_head.weight"}
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(attn|mlp|attn_norm|mlp_norm)\.([^.]+)(.*)")
+_TT_LAYER = re.compile(r"layers\.(\d+)\.(attn|mlp|attn_norm|mlp_norm)\.([^.]+)(.*)")
+
+
+class GatedDeltaNetStateDictAdapter(StateDictAdapter):
+    """FLA's GatedDeltaNet checkpoint keys (HF format: `model.embeddings.weight`, `model.layers.{i}.attn.*`,
+    `...attn_norm`, `...mlp.gate_proj`, `model.norm.weight`, `lm_head.weight`) <-> this model's. Tensors are
+    renamed only (no split or transpose). With tied embeddings a checkpoint holds the embedding alone, as
+    HF's `save_pretrained` writes it: `to_hf` drops `lm_head.weight`, `from_hf` fills it from the embedding."""
+
+    def __init__(self, model_config, hf_assets_path: str | None):
+        super().__init__(model_config, hf_assets_path)
+        self.gdn_layers = {i for i, layer in enumerate(model_config.layers) if layer.delta_net is not None}
+        self.tied = model_config.enable_weight_tying
+
+    def _rename(self, key: str, to_hf: bool) -> str:
+        top = {tt: hf for hf, tt in _TOP_NAMES.items()} if to_hf else _TOP_NAMES
+        if key in top:
+            return top[key]
+        match = (_TT_LAYER if to_hf else _HF_LAYER).fullmatch(key)
+        if match is not None:
+            layer, part, name, rest = match.groups()
+            names = {"mlp": _MLP_NAMES, "attn_norm": _NORM_NAMES, "mlp_norm": _NORM_NAMES,
+                     "attn": _GDN_NAMES if int(layer) in self.gdn_layers else _ATTN_NAMES}[part]
+            if to_hf:
+                names = {tt: hf for hf, tt in names.items()}
+            if name in names:
+                return f"{'model.layers' if to_hf else 'layers'}.{layer}.{part}.{names[name]}{rest}"
+        raise ValueError(f"GatedDeltaNetStateDictAdapter: no {'FLA' if to_hf else 'torchtitan'} name for "
+                         f"{key!r} (a checkpoint of another architecture or config?)")
+
+    def to_hf(self, state_dict: dict) -> dict:
+        hf = {}
+        for key, value in state_dict.items():
+            if self.tied and key == "lm_head.weight":
+                if self.fqn_to_index_mapping:
+                    self.fqn_to_index_mapping.pop("lm_head.weight", None)
+                continue
+            hf[self._rename(key, to_hf=True)] = value
+        return hf
+
+    def from_hf(self, hf_state_dict: dict) -> dict:
+        state = {self._rename(key, to_hf=False): value for key, value in hf_state_dict.items()
+                 if not (self.tied and key == "lm_head.weight")}
+        if self.tied:
+            state["lm_head.weight"] = state["tok_embeddings.weight"]
+        return state

@@ -8,8 +8,16 @@ row with fla_cp's `CPContext` (`cp_layout`), and hands the layers a `CPBatch` th
 over the global valid-token count (counted before the split), FSDP sums gradients over dp_shard × cp,
 clipping takes the global norm, and the logged loss is summed over the loss mesh. So any layout is exact.
 
-Extra settings (CLI flags, e.g. `--cp_layout contiguous`): `cp_layout`, `metrics_file` (rank 0 appends one
-JSON line per logged step: step, loss, grad_norm; the exactness checks read it).
+Extra settings (CLI flags, e.g. `--cp_layout contiguous`): `cp_layout`, `cp_backend` (the CP modules'
+kernels), `hf_config` (a checkpoint's architecture), `metrics_file` (rank 0 appends one JSON line per logged
+step: step, loss, grad_norm; the exactness checks read it).
+
+CUDA graphs are always off: the CP split is built on the host for every batch (its boundaries and collective
+sizes change with the documents), which a captured graph would freeze at the first batch.
+
+Every rank of a CP group must load the same batch (torchtitan's loaders and ours do: the data is sharded over
+dp only). The split is checked across the group for each new batch shape (B, L); same-shaped batches that
+differ between CP ranks are only caught with FLA_CP_DEBUG=1, which checks every step (fla_cp's check policy).
 """
 from __future__ import annotations
 
@@ -17,11 +25,13 @@ import json
 from dataclasses import dataclass
 
 import torch
+from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
 from fla_cp import checks
 from fla_cp.integrations.torchtitan.batch import build_cp_batch, shard_rows
 from fla_cp.integrations.torchtitan.cpu import apply_cpu_shims
+from fla_cp.integrations.torchtitan.layers import set_cp_backend
 from fla_cp.ops.context import LAYOUTS
 
 
@@ -39,8 +49,9 @@ class CPTrainer(Trainer):
         or FLA's GatedDeltaNet) instead of the config's flavor. Load its weights with
         --checkpoint.initial_load_path <dir> --checkpoint.initial_load_in_hf."""
 
-        cp_backend: str = "auto"
-        """The CP modules' kernels with --hf_config: "auto" (Triton / flash-attn on CUDA, torch on CPU), "torch"."""
+        cp_backend: str = ""
+        """The CP modules' kernels: "auto" (Triton / flash-attn on CUDA, torch on CPU), "triton", "torch"; empty:
+        as the config function chose ("auto" in ours)."""
 
     def __init__(self, config: Config):
         if config.cp_layout not in LAYOUTS:
@@ -48,9 +59,14 @@ class CPTrainer(Trainer):
         if config.validator.enable:
             raise ValueError("CPTrainer: --validator.enable is not supported: torchtitan's Validator shards "
                              "batches with its own CP code, which can't split GatedDeltaNet layers")
+        if not config.training.disable_cuda_graphs:
+            logger.warning("CPTrainer: CUDA graphs are turned off (the CP split is built on the host per batch)")
+            config.training.disable_cuda_graphs = True
         apply_cpu_shims()
         if config.hf_config:
             self._use_hf_architecture(config)
+        if config.cp_backend:
+            set_cp_backend(config.model_spec.model, config.cp_backend)
         super().__init__(config)
         self._agreed = checks.AgreedSignatures()
         if config.metrics_file and torch.distributed.get_rank() == 0:
@@ -60,7 +76,7 @@ class CPTrainer(Trainer):
     def _use_hf_architecture(config: Config) -> None:
         """`--hf_config`: the model spec for the checkpoint's architecture (before torchtitan reads the spec)."""
         from fla_cp.integrations.torchtitan.hf_config import model_spec_from_hf
-        config.model_spec = model_spec_from_hf(config.hf_config, backend=config.cp_backend)
+        config.model_spec = model_spec_from_hf(config.hf_config)
         loss_fn = getattr(config.loss, "loss_fn", config.loss)        # ChunkedLossWrapper's, or the loss itself
         if hasattr(loss_fn, "global_vocab_size"):
             loss_fn.global_vocab_size = config.model_spec.model.vocab_size

@@ -93,7 +93,9 @@ def _assert_rows(rows):
     assert ok, "see the table above"
 
 
-@pytest.mark.parametrize("config", ["qwen3_5_tiny", "gdn_hybrid_tiny"])
+# the default run checks Qwen3.5 here and the hybrid GatedDeltaNet at CP = 2 against the HF model
+# (test_torchtitan_gdn_model.py); the slow run does all three configs at CP = 2 and dp2 x CP2
+@pytest.mark.parametrize("config", ["qwen3_5_tiny"])
 def test_cp2_matches_one_process(config, tmp_path):
     _assert_rows(check.check_config(config, tmp_path, runs=("cp2",), steps=2))
 
@@ -168,3 +170,28 @@ def test_check_script_help():
     out = subprocess.run([sys.executable, "-m", "fla_cp.integrations.torchtitan.check", "--help"],
                          capture_output=True, text=True, env=check.torchtitan_env())
     assert out.returncode == 0 and "--configs" in out.stdout
+
+
+def test_every_config_builds_with_the_cp_modules():
+    """Each `--config` function gives a CPTrainer config whose model (built on meta, the 0.8B flavor too)
+    holds only fla_cp's CP token mixers, with the settings parallelize_cp accepts."""
+    from fla_cp.integrations.torchtitan import config_registry
+    from fla_cp.integrations.torchtitan.parallelize import cp_module_error
+    from fla_cp.integrations.torchtitan.trainer import CPTrainer
+    names = ["qwen3_5_tiny", "qwen3_5_0_8b", "gdn_tiny", "gdn_hybrid_tiny"]
+    for name in names:
+        config = getattr(config_registry, name)()
+        assert isinstance(config, CPTrainer.Config) and config.parallelism.spmd_backend == "partial_dtensor"
+        assert not config.validator.enable
+        with torch.device("meta"):
+            model = config.model_spec.model.build()
+        assert cp_module_error(model) is None, name
+        assert config.loss.loss_fn.global_vocab_size == config.model_spec.model.vocab_size
+
+
+def test_packed_loader_refuses_workers():
+    from fla_cp.integrations.torchtitan.data import ByteTokenizer, PackedTextDataLoader
+    config = PackedTextDataLoader.Config(num_workers=2)
+    with pytest.raises(ValueError, match="--dataloader.num_workers must be 0"):
+        PackedTextDataLoader(config, dp_world_size=1, dp_rank=0, tokenizer=ByteTokenizer(), seq_len=8,
+                             local_batch_size=1)

@@ -29,11 +29,8 @@ pytest.importorskip("torchtitan", reason="the torchtitan integration needs torch
 import torch  # noqa: E402
 
 from fla_cp.integrations.torchtitan.batch import build_cp_batch, shard_rows  # noqa: E402
-from fla_cp.integrations.torchtitan.gated_deltanet import (  # noqa: E402
-    GatedDeltaNetStateDictAdapter,
-    gdn_model_spec,
-    gdn_text_config,
-)
+from fla_cp.integrations.torchtitan.gated_deltanet import gdn_model_spec, gdn_text_config  # noqa: E402
+from fla_cp.integrations.torchtitan.state_dict import GatedDeltaNetStateDictAdapter  # noqa: E402
 from fla_cp.models import GatedDeltaNetCPConfig, GatedDeltaNetCPForCausalLM  # noqa: E402
 from fla_cp.utils.configs import CPU_SAFE, build_config  # noqa: E402
 from _dist import run_ranks  # noqa: E402

@@ -246,9 +246,10 @@ def tiny_moe_config():
     from torchtitan.models.common import Embedding, Linear
     from torchtitan.models.qwen3_5.rope import MRoPE
 
-    from fla_cp.integrations.torchtitan.qwen3_5 import Qwen35TextModel, with_cp_layers
+    from fla_cp.integrations.torchtitan.qwen3_5 import Qwen35TextModel
     dim, vocab = 32, 64
-    return with_cp_layers(Qwen35TextModel.Config(
+    # torchtitan's own modules: the adapter maps names only (with_cp_layers refuses MoE under CP for now)
+    return Qwen35TextModel.Config(
         vocab_size=vocab, dim=dim, norm=q._offset_norm(dim),
         tok_embeddings=Embedding.Config(num_embeddings=vocab, embedding_dim=dim, param_init=q._EMBEDDING_INIT),
         lm_head=Linear.Config(in_features=dim, out_features=vocab, param_init=q._output_linear_init(dim)),
@@ -257,7 +258,13 @@ def tiny_moe_config():
             n_layers=4, dim=dim, n_heads=4, n_kv_heads=2, head_dim=8, rotary_dim=4, moe_hidden_dim=16,
             num_experts=4, top_k=2, shared_expert_hidden_dim=24, n_key_heads=2, n_value_heads=4, key_head_dim=8,
             value_head_dim=8),
-        vision_encoder=None))
+        vision_encoder=None)
+
+
+def test_moe_is_refused_under_cp():
+    from fla_cp.integrations.torchtitan.qwen3_5 import with_cp_layers
+    with pytest.raises(ValueError, match="layer 0 is MoE"):
+        with_cp_layers(tiny_moe_config())
 
 
 @pytest.mark.parametrize("which", ["dense", "moe"])
@@ -311,13 +318,15 @@ def first_batch_loss(model) -> float:
     return torch.nn.functional.cross_entropy(torch.cat(logits).double(), torch.cat(labels)).item()
 
 
-@pytest.mark.parametrize("kind, cp, hf_config", [("text", 1, False), ("vlm-tied", 2, True)])
+@pytest.mark.parametrize("kind, cp, hf_config", [pytest.param("text", 1, False, marks=pytest.mark.slow),
+                                                  ("vlm-tied", 2, True)])
 def test_torchtitan_trainer_loads_hf_checkpoint(ckpts, kind, cp, hf_config, tmp_path):
     """`qwen3_5_tiny` loads the checkpoint (its architecture), or `--hf_config` takes the architecture from it."""
     hf, path = ckpts[kind]
     metrics, log = tmp_path / "metrics.jsonl", tmp_path / "run.log"
     ok, _ = check.torchtitan_train(cp, "qwen3_5_tiny", [
-        *(["--hf_config", str(path)] if hf_config else []), "--checkpoint.enable", "--checkpoint.load_only", "--checkpoint.initial_load_path", str(path),
+        *(["--hf_config", str(path)] if hf_config else []),
+        "--checkpoint.enable", "--checkpoint.load_only", "--checkpoint.initial_load_path", str(path),
         "--checkpoint.initial_load_in_hf", "--training.steps", "1", "--metrics_file", str(metrics),
         "--dump_folder", str(tmp_path / "out"), "--parallelism.context_parallel_degree", str(cp)], log, timeout=300)
     assert ok, check.tail(log)

@@ -335,6 +335,7 @@ def test_benchmark_memory_cp1_then_cp2(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # bench_op.py
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow      # ~36 s on 2 cores; the Triton paths it runs are covered by the op tests
 def test_bench_op_smoke():
     """bench_op.py --smoke: the GPU benchmark's code paths on CPU, FLA's chunk and CP kernels and ours
     in Triton's interpreter (~45 s on 2 cores). A row per (P, mode), FLA's CP column filled, err
