@@ -6,7 +6,6 @@ a seed checkpoint, one process, then CP runs from it, compared on the logged los
 """
 import json
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -166,10 +165,14 @@ def test_bad_settings_fail_on_every_rank_with_a_clear_error(flags, message, tmp_
     assert not ok and text.count(message) >= 2, text[-3000:]       # both ranks raised it
 
 
-def test_check_script_help():
-    out = subprocess.run([sys.executable, "-m", "fla_cp.integrations.torchtitan.check", "--help"],
-                         capture_output=True, text=True, env=check.torchtitan_env())
-    assert out.returncode == 0 and "--configs" in out.stdout
+def test_check_script_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        check.main(["--help"])
+    assert exit_.value.code == 0 and "--configs" in capsys.readouterr().out
+    script = (check.Path(__file__).parents[3] / "scripts" / "torchtitan_check.sh").read_text()
+    assert "-m fla_cp.integrations.torchtitan.check" in script
+    assert subprocess.run(["bash", "-n", str(check.Path(__file__).parents[3] / "scripts" / "torchtitan_check.sh")]
+                          ).returncode == 0
 
 
 def test_every_config_builds_with_the_cp_modules():
