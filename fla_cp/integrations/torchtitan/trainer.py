@@ -56,6 +56,8 @@ class CPTrainer(Trainer):
     def __init__(self, config: Config):
         if config.cp_layout not in LAYOUTS:
             raise ValueError(f"CPTrainer: --cp_layout must be one of {LAYOUTS}, got {config.cp_layout!r}")
+        if config.cp_backend not in ("", "auto", "triton", "torch"):
+            raise ValueError(f"CPTrainer: --cp_backend must be auto, triton or torch, got {config.cp_backend!r}")
         if config.validator.enable:
             raise ValueError("CPTrainer: --validator.enable is not supported: torchtitan's Validator shards "
                              "batches with its own CP code, which can't split GatedDeltaNet layers")

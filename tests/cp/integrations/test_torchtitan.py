@@ -154,6 +154,7 @@ def test_resume_continues_exactly(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--cp_layout", "diagonal"], "--cp_layout must be one of"),
+    (["--cp_backend", "cuda"], "--cp_backend must be auto, triton or torch"),
     (["--validator.enable"], "--validator.enable is not supported"),
     (["--parallelism.spmd_backend", "spmd_types"], "spmd_backend='spmd_types'"),
 ])

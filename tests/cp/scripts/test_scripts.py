@@ -355,6 +355,7 @@ def test_bench_op_smoke():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs for real")
+@pytest.mark.slow      # ~14 s: gpu_check.sh's refusals (its groups are exercised on a GPU only)
 def test_gpu_check_groups_and_no_gpu(tmp_path):
     """gpu_check.sh parses, refuses an unknown group before doing anything, and without CUDA says so
     and fails (exit 1) instead of reporting a pass."""
