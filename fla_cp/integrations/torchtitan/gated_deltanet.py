@@ -89,13 +89,12 @@ class FLAGatedDeltaNet(CPGatedDeltaNet):
         super().__init__(config)
         self.allow_neg_eigval = config.allow_neg_eigval
 
-    def _cp_qkv_gates(self, conv_out, h, extras):
-        q, k, v, g, _ = super()._cp_qkv_gates(conv_out, h, extras)
+    def _beta(self, b, dtype):
         # FLA's beta: sigmoid in fp32 (its kernel's), doubled with allow_neg_eigval, in the input's dtype
-        beta = extras[2].float().sigmoid()
+        beta = b.float().sigmoid()
         if self.allow_neg_eigval:
             beta = beta * 2.0
-        return q, k, v, g, beta.to(h.dtype)
+        return beta.to(dtype)
 
 
 class FLARoPE(CosSinRoPE):

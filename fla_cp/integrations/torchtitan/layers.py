@@ -69,7 +69,11 @@ class CPGatedDeltaNet(GatedDeltaCPMixin, GatedDeltaNet):
         v = v.reshape(B, T, -1, self.value_head_dim)
         # torchtitan's gates, in fp32 (model.py: g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b))
         g = -torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias)
-        return q, k, v, g, torch.sigmoid(b)
+        return q, k, v, g, self._beta(b, h.dtype)
+
+    def _beta(self, b, dtype):
+        """The write strength from `b` `[B, T, HV]`: torchtitan's `sigmoid(b)`, in b's dtype."""
+        return torch.sigmoid(b)
 
     def _cp_output(self, o, h, extras):
         z = extras[0]
